@@ -1,0 +1,181 @@
+"""The peftlab command: thin subcommands over the Python API. User mistakes print ``error: …`` and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .errors import PeftlabError
+
+EPILOG = "Config keys: `peftlab keys`. Docs and examples: README.md."
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not verbose:
+        # transformers' load report and deprecation chatter drown the useful lines; peftlab reports
+        # newly initialised modules itself (run config: _run.newly_initialised).
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
+def cmd_train(args) -> int:
+    from . import config as config_mod
+    from .runs import read_summary
+    from .workflows import train
+
+    overrides = list(args.overrides)
+    cfg_file = None
+    if overrides and "=" not in overrides[0]:
+        cfg_file = overrides.pop(0)
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    cfg = config_mod.load(cfg_file, overrides)
+    run = train(cfg)
+    s = read_summary(run)
+    print(f"test accuracy {100 * s['test_accuracy']:.2f}%  macro-F1 {100 * s['test_f1']:.2f}%  "
+          f"trainable {s['parameters']}  train {s['train_seconds'] / 60:.1f} min")
+    print(f"run folder: {run}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .workflows import evaluate
+
+    cols = args.text_columns.split(",") if args.text_columns else None
+    m = evaluate(args.run, args.data, cols, args.label_column, args.batch_size)
+    m.pop("logits")
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    print(f"accuracy {100 * m['accuracy']:.2f}%  macro-F1 {100 * m['f1']:.2f}%  loss {m['loss']:.4f}  "
+          f"({m['examples']} examples)")
+    print(f"\n{'label':<40} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+    for name, r in m["per_class"].items():
+        print(f"{name:<40} {r['precision']:>9.3f} {r['recall']:>9.3f} {r['f1-score']:>9.3f} {int(r['support']):>8}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import pandas as pd
+
+    from .data import read_table
+    from .errors import DataError
+    from .runs import write_text
+    from .workflows import predict
+
+    if args.input == "-":
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        ids = list(range(len(texts)))
+    else:
+        df = read_table(args.input)
+        if args.text_column not in df.columns:
+            raise DataError(f"{args.input}: column {args.text_column!r} not found (columns: "
+                            f"{', '.join(map(str, df.columns))}); use --text-column")
+        texts = df[args.text_column].fillna("").astype(str).tolist()
+        ids = df[args.id_column].tolist() if args.id_column in df.columns else list(range(len(df)))
+    results = predict(args.run, texts, args.batch_size, args.top_k)
+    out = pd.DataFrame({"id": ids, "label": [r[0][0] for r in results], "score": [round(r[0][1], 6) for r in results]})
+    if args.top_k > 1:
+        out["top_k"] = [json.dumps([[lab, round(s, 6)] for lab, s in r]) for r in results]
+    if args.output.endswith(".jsonl"):
+        write_text(args.output, out.to_json(orient="records", lines=True))
+    else:
+        write_text(args.output, out.to_csv(index=False))
+    print(f"{len(out)} predictions written to {args.output}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .workflows import info
+
+    i = info(args.run)
+    s = i["summary"]
+    if args.json:
+        print(json.dumps(i, indent=2, default=str))
+        return 0
+    print(f"run        {i['run']}\nmethod     {s['method']}\ndataset    {s['dataset']}\nbackbone   {s['backbone']}")
+    print(f"parameters {s['parameters']}\ntest       accuracy {100 * s['test_accuracy']:.2f}%  "
+          f"macro-F1 {100 * s['test_f1']:.2f}%\ntrain      {s['train_seconds'] / 60:.1f} min, "
+          f"{s['train_samples_per_second']:.0f} samples/s, peak {s['peak_memory_mb']:.0f} MB")
+    print(f"labels     {len(i['labels'])}: {', '.join(i['labels'][:8])}{' …' if len(i['labels']) > 8 else ''}")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from .config import describe
+
+    for key, default, text in describe():
+        print(f"{key:<45} {json.dumps(default):<14} {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peftlab", description="Fine-tune encoders for text classification with "
+                                "full fine-tuning, LoRA, AdaLoRA and DoRA.", epilog=EPILOG)
+    p.add_argument("-v", "--verbose", action="store_true", help="show library warnings and tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model and write a run folder",
+                       description="peftlab train [CONFIG.yaml] [key=value ...]. Example: peftlab train "
+                       "configs/banking77-lora.yaml train.epochs=3 --data-dir ../shared/data")
+    t.add_argument("overrides", nargs="*", help="an optional YAML config, then key=value overrides")
+    t.add_argument("--data-dir", help=f"folder with built-in datasets (default ${'PEFTLAB_DATA_DIR'})")
+    t.add_argument("--output-dir", help="where run folders go (default runs/)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="accuracy, macro-F1 and per-class metrics of a run")
+    e.add_argument("run", help="run folder")
+    e.add_argument("--data", help="labelled CSV/JSONL/Parquet file (default: the run's test split)")
+    e.add_argument("--text-columns", help="comma-separated text column(s) of --data")
+    e.add_argument("--label-column", help="label column of --data")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="label texts from a CSV/JSONL file (or - for stdin lines)")
+    pr.add_argument("run", help="run folder")
+    pr.add_argument("input", help="CSV/JSONL/Parquet file with a text column, or - for one text per stdin line")
+    pr.add_argument("-o", "--output", required=True, help="output .csv (id,label,score) or .jsonl")
+    pr.add_argument("--text-column", default="text")
+    pr.add_argument("--id-column", default="id", help="copied to the output when present (else the row number)")
+    pr.add_argument("--top-k", type=int, default=1, help="also write the k best labels with scores")
+    pr.add_argument("--batch-size", type=int, default=128)
+    pr.set_defaults(func=cmd_predict)
+
+    i = sub.add_parser("info", help="what a run folder holds: method, data, parameters, results")
+    i.add_argument("run", help="run folder")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_info)
+
+    k = sub.add_parser("keys", help="every config key with its default and meaning")
+    k.set_defaults(func=cmd_keys)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except PeftlabError as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

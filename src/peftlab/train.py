@@ -1,0 +1,241 @@
+"""fit(): the training loop, in one place, on Accelerate.
+
+Accelerate owns devices, mixed precision, gradient accumulation and multiple processes; this file owns
+the order of an optimizer step, evaluation, best-checkpoint keeping and early stopping. AdaLoRA's
+``update_and_allocate`` is a plain ``if`` below: the transformers Trainer never calls it, which is why
+AdaLoRA under the Trainer trains as fixed-rank SVD-LoRA (peft docs, AdaLoraModel.update_and_allocate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .batching import TrainSet
+from .config import TrainConfig
+from .evaluate import metrics, predict_logits
+from .runs import append_jsonl, write_json
+
+log = logging.getLogger("peftlab")
+
+# Learning rate of the optional extra epoch on train+validation, as a fraction of the peak rate:
+# the schedule has decayed to ~0 by then, and a full-rate epoch would undo the selected checkpoint.
+FINAL_EPOCH_LR_FRACTION = 0.1
+
+
+def optimizer_steps(n_train: int, cfg: TrainConfig, num_processes: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) — AdaLoRA's total_step counts these."""
+    batches = math.ceil(n_train / (cfg.batch_size * num_processes))
+    per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
+    total = per_epoch * cfg.epochs
+    return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+@dataclass
+class AdaLoraSchedule:
+    """What the loop needs to drive AdaLoRA: its final-allocation step (checkpoints before it are not
+    eligible as 'best', since their rank pattern is not the final one)."""
+
+    final_step: int
+
+
+@dataclass
+class FitResult:
+    global_step: int = 0
+    best: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    train_examples_seen: int = 0
+    stopped_early: bool = False
+    final_epoch_on_train_and_validation: bool = False
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    elif precision == "fp32":
+        precision = "no"
+    if precision == "fp16" and not torch.cuda.is_available():
+        from .errors import ConfigError
+
+        raise ConfigError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+
+
+def _param_groups(model, lr: float, head_lr: float, weight_decay: float, head_modules: list[str]):
+    """AdamW groups: no decay on biases and norms (BERT's recipe); the head may get its own rate."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = any(h in name for h in head_modules) or "modules_to_save" in name
+        no_decay = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
+        groups.setdefault((is_head, no_decay), []).append(p)
+    return [{"params": ps, "lr": head_lr if is_head else lr, "weight_decay": 0.0 if nd else weight_decay}
+            for (is_head, nd), ps in groups.items()]
+
+
+def _better(metric: str, a: float, b: float | None) -> bool:
+    return b is None or (a < b if metric == "loss" else a > b)
+
+
+def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[int], cfg: TrainConfig,
+        lr: float, run_dir: Path, head_modules: list[str], adalora: AdaLoraSchedule | None = None,
+        extra_set: TrainSet | None = None, on_eval: Callable[[dict], None] | None = None) -> FitResult:
+    """Train ``model`` in place; on return it holds the best checkpoint's weights (or the final ones)."""
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    accelerator = _accelerator(cfg)
+    set_seed(cfg.seed)
+    lengths = [len(x) for x in train_set.input_ids]
+    sampler = LengthGroupedSampler(cfg.batch_size, lengths=lengths,
+                                   generator=torch.Generator().manual_seed(cfg.seed))
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                                         collate_fn=train_set.collate)
+    per_epoch, total_steps = optimizer_steps(len(train_set), cfg, accelerator.num_processes)
+    optimizer = torch.optim.AdamW(_param_groups(model, lr, cfg.head_learning_rate or lr, cfg.weight_decay,
+                                                head_modules), lr=lr)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # The scheduler is stepped once per optimizer step (Accelerate would otherwise step it once per process).
+    plain = accelerator.unwrap_model(model)
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    kept: list[tuple[float, int, Path]] = []  # (metric, step, file) of the best-k checkpoints
+    result = FitResult()
+    pad_id = train_set.pad_id
+    metrics_file = Path(run_dir) / "metrics.jsonl"
+    evals_without_gain = 0
+    running_loss, running_n = 0.0, 0
+    eval_every = cfg.eval_every_steps or per_epoch
+    start = time.perf_counter()
+
+    def evaluate_now(epoch: float) -> bool:
+        """Validate, log, keep the checkpoint if among the best; return True to stop early."""
+        nonlocal running_loss, running_n, evals_without_gain
+        logits = predict_logits(plain, val_ids, pad_id, cfg.eval_batch_size, accelerator.device)
+        m = metrics(logits, val_labels)
+        record = {"step": result.global_step, "epoch": round(epoch, 3),
+                  "train_loss": running_loss / max(running_n, 1), "eval_loss": m["loss"],
+                  "eval_accuracy": m["accuracy"], "eval_f1": m["f1"], "learning_rate": scheduler.get_last_lr()[0],
+                  "elapsed_seconds": round(time.perf_counter() - start, 2)}
+        running_loss, running_n = 0.0, 0
+        result.history.append(record)
+        if accelerator.is_main_process:
+            append_jsonl(metrics_file, record)
+        if on_eval:
+            on_eval(record)
+        score = {"accuracy": m["accuracy"], "f1": m["f1"], "loss": m["loss"]}[cfg.metric_for_best]
+        eligible = adalora is None or result.global_step >= adalora.final_step
+        if not eligible:
+            return False
+        best_score = result.best.get("score")
+        if _better(cfg.metric_for_best, score, best_score):
+            result.best = {**record, "score": score}
+            evals_without_gain = 0
+        else:
+            evals_without_gain += 1
+        worst = kept[-1][0] if len(kept) >= cfg.save_top_k else None
+        if accelerator.is_main_process and (worst is None or _better(cfg.metric_for_best, score, worst)):
+            ckpt_dir.mkdir(exist_ok=True)
+            path = ckpt_dir / f"step-{result.global_step}.safetensors"
+            tmp = path.with_suffix(".tmp")
+            save_file({n: p.detach().cpu().contiguous() for n, p in plain.named_parameters() if p.requires_grad}, tmp)
+            tmp.replace(path)
+            if adalora is not None:  # the mask lives in lora_E, the pattern in the config: keep both
+                write_json(path.with_suffix(".rank_pattern.json"), plain.peft_config["default"].rank_pattern)
+            kept.append((score, result.global_step, path))
+            kept.sort(key=lambda k: k[0], reverse=cfg.metric_for_best != "loss")
+            for _, _, old in kept[cfg.save_top_k:]:
+                old.unlink(missing_ok=True)
+                old.with_suffix(".rank_pattern.json").unlink(missing_ok=True)
+            del kept[cfg.save_top_k:]
+        return bool(cfg.early_stopping_patience) and evals_without_gain >= cfg.early_stopping_patience
+
+    def train_epoch(batches, desc: str, epoch_index: int, schedule: bool) -> bool:
+        """One pass over ``batches``; return True when training must stop."""
+        nonlocal running_loss, running_n
+        model.train()
+        bar = tqdm(batches, desc=desc, disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
+        for i, batch in enumerate(bar):
+            with accelerator.accumulate(model):
+                # Loss through the model: AdaLoRA adds its orthogonal regulariser to outputs.loss.
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                if schedule:
+                    scheduler.step()
+                if accelerator.sync_gradients:
+                    if adalora is not None:
+                        # Importance update and rank allocation need this step's gradients: after
+                        # optimizer.step(), before zero_grad() (peft AdaLoraModel.update_and_allocate).
+                        plain.base_model.update_and_allocate(result.global_step)
+                    result.global_step += 1
+                optimizer.zero_grad(set_to_none=True)
+            running_loss += loss.detach().float().item()
+            running_n += 1
+            result.train_examples_seen += batch["input_ids"].shape[0] * accelerator.num_processes
+            bar.set_postfix(loss=f"{running_loss / running_n:.4f}", refresh=False)
+            if not accelerator.sync_gradients:
+                continue
+            if schedule and result.global_step % eval_every == 0 and cfg.eval_every_steps:
+                if evaluate_now(epoch_index + (i + 1) / len(batches)):
+                    return True
+            if result.global_step >= total_steps and schedule:
+                return True
+        return False
+
+    stop = False
+    for epoch in range(cfg.epochs):
+        stop = train_epoch(loader, f"epoch {epoch + 1}/{cfg.epochs}", epoch, schedule=True)
+        last_eval_step = result.history[-1]["step"] if result.history else -1
+        ending = stop or epoch == cfg.epochs - 1
+        if not cfg.eval_every_steps or (ending and last_eval_step != result.global_step):
+            stop = evaluate_now(epoch + 1) or stop
+        if stop:
+            result.stopped_early = result.global_step < total_steps
+            break
+    result.train_seconds = time.perf_counter() - start
+
+    # Restore the best checkpoint (on every process, from the main process's file).
+    accelerator.wait_for_everyone()
+    if kept:
+        best_file = max(kept, key=lambda k: k[0]) if cfg.metric_for_best != "loss" else min(kept, key=lambda k: k[0])
+        state = load_file(best_file[2])
+        params = dict(plain.named_parameters())
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t.to(params[n].device))
+        if adalora is not None:
+            plain.peft_config["default"].rank_pattern = json.loads(best_file[2].with_suffix(".rank_pattern.json").read_text())
+
+    if extra_set is not None:
+        # seed 003: one more epoch on train+validation at a small constant rate, then keep the result.
+        for g in optimizer.param_groups:
+            g["lr"] = lr * FINAL_EPOCH_LR_FRACTION
+        extra_loader = accelerator.prepare(torch.utils.data.DataLoader(
+            extra_set, batch_size=cfg.batch_size, sampler=LengthGroupedSampler(
+                cfg.batch_size, lengths=[len(x) for x in extra_set.input_ids],
+                generator=torch.Generator().manual_seed(cfg.seed + 1)), collate_fn=extra_set.collate))
+        t0 = time.perf_counter()
+        train_epoch(extra_loader, "final epoch on train+validation", cfg.epochs, schedule=False)
+        result.train_seconds += time.perf_counter() - t0
+        result.final_epoch_on_train_and_validation = True
+    model.eval()
+    return result

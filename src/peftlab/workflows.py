@@ -1,0 +1,215 @@
+"""Workflows: compose the stages. These functions are the Python API; the CLI only translates to them.
+
+    import peftlab
+    run = peftlab.train(peftlab.config.load("configs/banking77-lora.yaml"))
+    peftlab.evaluate(run)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from . import config as config_mod
+from . import data as data_mod
+from .batching import TrainSet, encode
+from .config import Config
+from .data import LabelMap
+from .errors import DataError, RunError
+from .runs import CONFIG, LABELS, SUMMARY, new_run_dir, open_run, read_jsonl, versions, write_json, write_text
+
+log = logging.getLogger("peftlab")
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(cfg: Config, progress: bool = True) -> Path:
+    """Train, evaluate on test, and write a complete run folder; return its path."""
+    from accelerate.utils import set_seed
+
+    from . import modeling
+    from .evaluate import metrics, predict_logits
+    from .report import write_report
+    from .train import AdaLoraSchedule, fit, optimizer_steps
+
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    # Data first: AdaLoRA's total_step depends on the number of training examples.
+    splits = data_mod.load(cfg.data, cfg.train.seed)
+    for note in splits.notes:
+        log.warning(note)
+    from accelerate import PartialState
+
+    num_processes = PartialState().num_processes
+    per_epoch, total_steps = optimizer_steps(len(splits.train), cfg.train, num_processes)
+    schedule = None
+    if cfg.adapter.method == "adalora":
+        schedule = config_mod.check_adalora_schedule(cfg.adapter, total_steps)
+    set_seed(cfg.train.seed)
+    model, tokenizer, details = modeling.build(cfg.model, cfg.adapter, splits.labels.id2label, total_steps, schedule)
+    run_dir = new_run_dir(cfg.output_dir, cfg.run_name, splits.name, cfg.adapter.method)
+    is_main = PartialState().is_main_process
+    resolved = config_mod.to_dict(cfg)
+    resolved["train"]["learning_rate"] = cfg.learning_rate
+    if schedule:
+        resolved["adapter"]["tinit"], resolved["adapter"]["tfinal"] = schedule
+    if is_main:
+        write_text(run_dir / CONFIG, config_mod.dump(config_mod.from_dict(resolved)) + "\n# recorded by peftlab\n"
+                   + __import__("yaml").safe_dump({"_run": {"versions": versions(), **details,
+                                                           "dataset": splits.name, "notes": splits.notes}}))
+        splits.labels.save(run_dir / LABELS)
+    trainable, total = modeling.count_parameters(model)
+    log.info("%s on %s: trainable %s", cfg.adapter.method, splits.name, modeling.format_parameters(trainable, total))
+
+    max_len = cfg.model.max_length_tokens
+    pad_id = tokenizer.pad_token_id or 0
+    train_set = TrainSet(encode(splits.train.text, tokenizer, max_len), splits.labels.encode(splits.train.label), pad_id)
+    val_ids = encode(splits.validation.text, tokenizer, max_len)
+    val_labels = splits.labels.encode(splits.validation.label)
+    extra = None
+    if cfg.train.final_epoch_on_train_and_validation:
+        extra = TrainSet(train_set.input_ids + val_ids, train_set.labels + val_labels, pad_id)
+    adalora = AdaLoraSchedule(final_step=total_steps - schedule[1]) if schedule else None
+    head_modules = [m.rsplit(".", 1)[-1] for m in details["newly_initialised"]]
+    result = fit(model, train_set, val_ids, val_labels, cfg.train, cfg.learning_rate, run_dir, head_modules,
+                 adalora=adalora, extra_set=extra)
+
+    summary: dict = {}
+    if is_main:
+        test_ids = encode(splits.test.text, tokenizer, max_len)
+        t0 = time.perf_counter()
+        logits = predict_logits(model, test_ids, pad_id, cfg.train.eval_batch_size)
+        eval_seconds = time.perf_counter() - t0
+        test = metrics(logits, splits.labels.encode(splits.test.label), splits.labels.names, per_class=True)
+        summary = {
+            "method": cfg.adapter.method, "dataset": splits.name, "notes": splits.notes,
+            "backbone": details["backbone"], "splits": splits.sizes(), "num_labels": len(splits.labels),
+            "trainable_parameters": trainable, "total_parameters": total,
+            "trainable_percent": 100 * trainable / total,
+            "parameters": modeling.format_parameters(trainable, total),
+            "optimizer_steps": result.global_step, "planned_optimizer_steps": total_steps,
+            "best_step": result.best.get("step"), "best_epoch": result.best.get("epoch"),
+            "best_validation": {k: result.best.get(f"eval_{k}") for k in ("accuracy", "f1", "loss")},
+            "stopped_early": result.stopped_early,
+            "final_epoch_on_train_and_validation": result.final_epoch_on_train_and_validation,
+            "test_accuracy": test["accuracy"], "test_f1": test["f1"], "test_loss": test["loss"],
+            "train_seconds": round(result.train_seconds, 2),
+            "train_samples_per_second": round(result.train_examples_seen / max(result.train_seconds, 1e-9), 2),
+            "eval_samples_per_second": round(len(test_ids) / max(eval_seconds, 1e-9), 2),
+            "peak_memory_mb": round(_peak_memory_mb(), 1),
+            "device": str(next(model.parameters()).device), "num_processes": num_processes,
+        }
+        if cfg.adapter.method == "adalora":
+            ranks = modeling.adalora_ranks(model)
+            summary["adalora"] = {
+                "final_ranks": ranks, "rank_sum": sum(ranks.values()), "modules": len(ranks),
+                "budget": cfg.adapter.target_r * len(ranks), "tinit": schedule[0], "tfinal": schedule[1],
+                "total_step": total_steps,
+                "effective_trainable_parameters": modeling.adalora_effective_parameters(model, ranks),
+            }
+        _save_model(model, tokenizer, run_dir, cfg.adapter.method)
+        write_json(run_dir / "test_metrics.json", test)
+        write_report(run_dir, summary, read_jsonl(run_dir / "metrics.jsonl"))
+        _remove_checkpoints(run_dir)
+        write_json(run_dir / SUMMARY, summary)  # last: marks the run complete
+    return run_dir
+
+
+def _save_model(model, tokenizer, run_dir: Path, method: str) -> None:
+    """Full fine-tuning: a transformers folder; PEFT methods: the standard adapter layout."""
+    target = run_dir / ("model" if method == "full" else "adapter")
+    tmp = run_dir / f".{target.name}.tmp"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def _remove_checkpoints(run_dir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+def load_run(run: str | Path, device: str | None = None):
+    """(model, tokenizer, labels, config dict) from a run folder, through plain transformers + PEFT."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .modeling import resolve_backbone
+
+    path, cfg = open_run(run)
+    labels = LabelMap.load(path / LABELS)
+    method = cfg["adapter"]["method"]
+    if method == "full":
+        model = AutoModelForSequenceClassification.from_pretrained(path / "model", use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path / "model")
+    else:
+        from peft import PeftModel
+
+        if not (path / "adapter" / "adapter_model.safetensors").is_file():
+            raise RunError(f"run '{path}' has no adapter/adapter_model.safetensors")
+        base = AutoModelForSequenceClassification.from_pretrained(
+            resolve_backbone(cfg["model"]["name"]), num_labels=len(labels), id2label=labels.id2label,
+            label2id={n: i for i, n in labels.id2label.items()}, use_safetensors=True)
+        model = PeftModel.from_pretrained(base, path / "adapter")
+        tokenizer = AutoTokenizer.from_pretrained(path / "adapter")
+    model.eval()
+    if device:
+        model.to(device)
+    return model, tokenizer, labels, cfg
+
+
+def evaluate(run: str | Path, data: str | Path | None = None, text_columns: list[str] | None = None,
+             label_column: str | None = None, batch_size: int = 128) -> dict:
+    """Accuracy, macro-F1 and per-class metrics of a run on its test split, or on ``data``."""
+    from .evaluate import metrics, predict_logits
+
+    model, tokenizer, labels, cfg = load_run(run)
+    if data is None:
+        dcfg = config_mod.from_dict({k: cfg[k] for k in ("model", "data", "adapter", "train")}).data
+        test = data_mod.load(dcfg, cfg["train"]["seed"]).test
+    else:
+        cols = text_columns or cfg["data"]["text_columns"] or ["text"]
+        test = data_mod.to_frame(data_mod.read_table(data), cols, label_column or cfg["data"]["label_column"] or "label",
+                                 str(data))
+    unknown = sorted(set(test.label) - set(labels.names))
+    if unknown:
+        raise DataError(f"labels the run never saw: {', '.join(unknown[:5])} ({len(unknown)}); "
+                        "evaluate on data with the run's labels (peftlab info RUN lists them)")
+    ids = encode(test.text, tokenizer, cfg["model"]["max_length_tokens"])
+    logits = predict_logits(model, ids, tokenizer.pad_token_id or 0, batch_size)
+    out = metrics(logits, labels.encode(test.label), labels.names, per_class=True)
+    out["logits"] = logits
+    return out
+
+
+def predict(run: str | Path, texts: list[str], batch_size: int = 128, top_k: int = 1):
+    """Labels and scores (softmax) for ``texts``: a list of [(label, score), …] per text, best first."""
+    from .evaluate import predict_logits
+
+    model, tokenizer, labels, cfg = load_run(run)
+    ids = encode(texts, tokenizer, cfg["model"]["max_length_tokens"])
+    probs = torch.softmax(torch.from_numpy(predict_logits(model, ids, tokenizer.pad_token_id or 0, batch_size)), -1)
+    scores, idx = probs.topk(min(top_k, probs.shape[1]), dim=-1)
+    return [[(labels.names[j], float(s)) for j, s in zip(row_i.tolist(), row_s.tolist())]
+            for row_i, row_s in zip(idx, scores)]
+
+
+def info(run: str | Path) -> dict:
+    path, cfg = open_run(run)
+    from .runs import read_summary
+
+    return {"run": str(path), "config": cfg, "summary": read_summary(path),
+            "labels": LabelMap.load(path / LABELS).names}
