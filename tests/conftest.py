@@ -68,6 +68,9 @@ def tiny_overrides(model: Path, data: dict[str, Path], out: Path, method: str, *
         "data.label_column": "category", "data.validation_size": 30, "adapter.method": method,
         "train.epochs": 2, "train.batch_size": 16, "train.seed": 0, "output_dir": str(out),
         "run_name": method,
+        # Tiny models gain nothing from threads, and parallel small ops stall badly when another
+        # process holds the cores (AdaLoRA's many small ops ran 100× slower with 2 threads under load).
+        "train.num_threads": 1,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -19,6 +19,7 @@ def _setup_logging(verbose: bool) -> None:
         # transformers' load report and deprecation chatter drown the useful lines; peftlab reports
         # newly initialised modules itself (run config: _run.newly_initialised).
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars; ours stay
         import warnings
 
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -24,7 +24,7 @@ METHODS = ("full", "lora", "adalora", "dora")
 # Tuned on the embedded all-MiniLM-L6-v2 / Banking77 (see README "Defaults"). A sentence-embedding
 # model learns slowly through low-rank adapters at the seeds' 2e-4, so adapters get a much larger
 # rate; full fine-tuning moves every weight and wants a small one.
-DEFAULT_LEARNING_RATE = {"full": 1e-4, "lora": 3e-3, "dora": 3e-3, "adalora": 3e-3}
+DEFAULT_LEARNING_RATE = {"full": 1e-4, "lora": 5e-3, "dora": 5e-3, "adalora": 5e-3}
 
 
 def _help(default: Any, text: str) -> Any:
@@ -96,7 +96,7 @@ class TrainConfig:
     batch_size: int = _help(32, "Examples per optimizer step on each process (before accumulation).")
     eval_batch_size: int = _help(128, "Examples per evaluation batch.")
     learning_rate: Union[float, None] = _help(
-        None, "Peak learning rate. Default per method: full 1e-4, lora/dora/adalora 3e-3."
+        None, "Peak learning rate. Default per method: full 1e-4, lora/dora/adalora 5e-3."
     )
     head_learning_rate: Union[float, None] = _help(None, "Learning rate of the head; default learning_rate.")
     weight_decay: float = _help(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")

@@ -159,7 +159,11 @@ def adalora_ranks(model) -> dict[str, int]:
     """Final rank per adapted module from AdaLoRA's rank pattern (the number of kept singular values)."""
     cfg = model.peft_config[model.active_adapter]
     pattern = cfg.rank_pattern or {}
-    return {name.replace("base_model.model.", ""): int(sum(bool(x) for x in mask)) for name, mask in pattern.items()}
+    out = {}
+    for name, mask in pattern.items():  # keys look like 'model.<module>.lora_E.default' or '<module>'
+        name = name.replace("base_model.model.", "").split(".lora_E")[0]
+        out[name] = int(sum(bool(x) for x in mask))
+    return out
 
 
 def adalora_effective_parameters(model, ranks: dict[str, int]) -> int:
@@ -169,7 +173,7 @@ def adalora_effective_parameters(model, ranks: dict[str, int]) -> int:
     for name, module in modules.items():
         if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
             short = name.replace("base_model.model.", "")
-            r = ranks.get(short, ranks.get(name, module.r["default"]))
+            r = ranks.get(short, module.r["default"])
             base = module.get_base_layer()
             total += r * (base.in_features + base.out_features) + r
     for name, p in model.named_parameters():

@@ -54,9 +54,9 @@ def train(cfg: Config, progress: bool = True) -> Path:
     schedule = None
     if cfg.adapter.method == "adalora":
         schedule = config_mod.check_adalora_schedule(cfg.adapter, total_steps)
+    run_dir = new_run_dir(cfg.output_dir, cfg.run_name, splits.name, cfg.adapter.method)
     set_seed(cfg.train.seed)
     model, tokenizer, details = modeling.build(cfg.model, cfg.adapter, splits.labels.id2label, total_steps, schedule)
-    run_dir = new_run_dir(cfg.output_dir, cfg.run_name, splits.name, cfg.adapter.method)
     is_main = PartialState().is_main_process
     resolved = config_mod.to_dict(cfg)
     resolved["train"]["learning_rate"] = cfg.learning_rate
@@ -67,6 +67,15 @@ def train(cfg: Config, progress: bool = True) -> Path:
                    + __import__("yaml").safe_dump({"_run": {"versions": versions(), **details,
                                                            "dataset": splits.name, "notes": splits.notes}}))
         splits.labels.save(run_dir / LABELS)
+    initial_adapter = None
+    if cfg.adapter.method != "full" and cfg.adapter.init_lora_weights in ("pissa", "olora") and is_main:
+        # PiSSA/OLoRA rewrite the base weights; saving the initial adapter lets PEFT convert the trained
+        # one into a plain LoRA adapter that loads on the *original* backbone (peft docs, PiSSA).
+        initial_adapter = run_dir / ".initial_adapter"
+        init = model.peft_config["default"].init_lora_weights
+        model.peft_config["default"].init_lora_weights = True
+        model.save_pretrained(initial_adapter)
+        model.peft_config["default"].init_lora_weights = init
     trainable, total = modeling.count_parameters(model)
     log.info("%s on %s: trainable %s", cfg.adapter.method, splits.name, modeling.format_parameters(trainable, total))
 
@@ -116,7 +125,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
                 "total_step": total_steps,
                 "effective_trainable_parameters": modeling.adalora_effective_parameters(model, ranks),
             }
-        _save_model(model, tokenizer, run_dir, cfg.adapter.method)
+        _save_model(model, tokenizer, run_dir, cfg.adapter.method, initial_adapter)
         write_json(run_dir / "test_metrics.json", test)
         write_report(run_dir, summary, read_jsonl(run_dir / "metrics.jsonl"))
         _remove_checkpoints(run_dir)
@@ -124,14 +133,18 @@ def train(cfg: Config, progress: bool = True) -> Path:
     return run_dir
 
 
-def _save_model(model, tokenizer, run_dir: Path, method: str) -> None:
+def _save_model(model, tokenizer, run_dir: Path, method: str, initial_adapter: Path | None = None) -> None:
     """Full fine-tuning: a transformers folder; PEFT methods: the standard adapter layout."""
-    target = run_dir / ("model" if method == "full" else "adapter")
-    tmp = run_dir / f".{target.name}.tmp"
     import shutil
 
+    target = run_dir / ("model" if method == "full" else "adapter")
+    tmp = run_dir / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if initial_adapter is not None:
+        model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(initial_adapter))
+        shutil.rmtree(initial_adapter, ignore_errors=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
