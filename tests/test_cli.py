@@ -6,8 +6,8 @@ import sys
 
 import pandas as pd
 import pytest
-
 from conftest import REPO, tiny_overrides
+
 from peftlab import cli
 
 COMMANDS = ["train", "evaluate", "predict", "info", "keys"]
@@ -42,7 +42,7 @@ def test_predict_writes_id_label_score(run, tmp_path):
     names = json.loads((run / "labels.json").read_text())["id2label"].values()
     assert set(out.label) <= set(names) and out.score.between(0, 1).all()
     top = [json.loads(x) for x in out.top_k]
-    assert all(len(t) == 3 and t[0][0] == lab and t[0][1] >= t[1][1] >= t[2][1] for t, lab in zip(top, out.label))
+    assert all(len(t) == 3 and t[0][0] == lab and t[0][1] >= t[1][1] >= t[2][1] for t, lab in zip(top, out.label, strict=False))
 
 
 def test_predict_jsonl_without_id_column_numbers_rows(run, tmp_path):

@@ -94,7 +94,7 @@ def test_method_dora_sets_use_dora_and_round_trips(tmp_path):
 
 
 def test_missing_and_malformed_config_files(tmp_path):
-    with pytest.raises(ConfigError, match="config file 'nope.yaml' not found"):
+    with pytest.raises(ConfigError, match=r"config file 'nope\.yaml' not found"):
         config.load("nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")

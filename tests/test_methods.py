@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import make_tiny_model, tiny_overrides
+
 from peftlab import cli, workflows
 
 HERE = Path(__file__).resolve().parent
@@ -136,3 +136,21 @@ def test_rslora_and_final_epoch_on_train_and_validation(tiny_model, small_data, 
     assert [h["step"] for h in history] == [5, 10, 14]
     saved = json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())
     assert saved["use_rslora"] is True
+
+
+def test_early_stopping_and_step_evaluation(tiny_model, small_data, tmp_path):
+    # A learning rate too small to change any prediction: accuracy never improves after the first
+    # evaluation, so patience 1 stops at the second one (step 4 of 28).
+    args = tiny_overrides(tiny_model, small_data, tmp_path, "lora", **{
+        "train.learning_rate": 1e-12, "train.eval_every_steps": 2, "train.early_stopping_patience": 1})
+    assert train_cli(args) == 0
+    s = json.loads((tmp_path / "lora" / "summary.json").read_text())
+    assert s["stopped_early"] and s["optimizer_steps"] == 4 and s["best_step"] == 2
+
+
+def test_same_seed_same_metrics(tiny_model, small_data, tmp_path):
+    results = []
+    for name in ("a", "b"):
+        assert train_cli(tiny_overrides(tiny_model, small_data, tmp_path, "lora", run_name=name)) == 0
+        results.append([json.loads(x)["eval_loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+    assert results[0] == results[1]

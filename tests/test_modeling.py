@@ -5,17 +5,23 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from peftlab.config import AdapterConfig, ModelConfig
 from peftlab.errors import ConfigError
-from peftlab.modeling import (AUTO_TARGETS, build, format_parameters, linear_layer_names, resolve_backbone,
-                              resolve_target_modules)
+from peftlab.modeling import (
+    AUTO_TARGETS,
+    build,
+    format_parameters,
+    linear_layer_names,
+    resolve_backbone,
+    resolve_target_modules,
+)
 
 TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100,
-            max_position_embeddings=64)
+            max_position_embeddings=64, pad_token_id=0)
 
 
 def tiny(model_type):
     kw = dict(TINY)
     if model_type == "distilbert":
-        kw = dict(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=100, max_position_embeddings=64)
+        kw = dict(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=100, max_position_embeddings=64, pad_token_id=0)
     if model_type == "modernbert":
         kw.update(global_attn_every_n_layers=1, local_attention=16)
     return AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, num_labels=3, **kw))
@@ -52,7 +58,7 @@ def test_auto_on_an_unknown_architecture_names_the_fix():
 def test_backbone_resolution(tmp_path, monkeypatch):
     assert resolve_backbone("default").endswith("model")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="has no config.json"):
+    with pytest.raises(ConfigError, match=r"has no config\.json"):
         resolve_backbone(str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="is not a local folder and the hub is offline"):
@@ -61,7 +67,7 @@ def test_backbone_resolution(tmp_path, monkeypatch):
 
 def test_embedded_model_parameter_accounting_matches_the_seeds_format():
     labels = {i: f"l{i}" for i in range(77)}
-    model, tok, details = build(ModelConfig(), AdapterConfig(method="lora"), labels)
+    model, _tok, details = build(ModelConfig(), AdapterConfig(method="lora"), labels)
     assert details["newly_initialised"] == ["classifier"]  # all-MiniLM ships its pooler
     trainable, total = model.get_nb_trainable_parameters()
     # LoRA r=8 on query+value in 6 layers + the 384×77 head.

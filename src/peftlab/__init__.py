@@ -6,8 +6,18 @@ from .errors import ConfigError, DataError, PeftlabError, RunError
 
 __version__ = "0.1.0"
 
-__all__ = ["config", "train", "evaluate", "predict", "info", "load_run", "PeftlabError", "ConfigError",
-           "DataError", "RunError"]
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "PeftlabError",
+    "RunError",
+    "config",
+    "evaluate",
+    "info",
+    "load_run",
+    "predict",
+    "train",
+]
 
 
 def __getattr__(name):  # heavy imports (torch) only when a workflow is used

@@ -164,7 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come after options (train CONFIG --data-dir D k=v): argparse leaves
+    # those over, and they belong to train's overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "train" or any("=" not in x or x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     _setup_logging(args.verbose)
     try:
         return args.func(args)

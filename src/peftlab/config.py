@@ -44,24 +44,24 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Union[str, None] = _help(
+    dataset: str | None = _help(
         "banking77", "Built-in dataset name (banking77, ag_news), or null when train_file is given."
     )
-    data_dir: Union[str, None] = _help(
+    data_dir: str | None = _help(
         None, "Folder holding built-in datasets (<data_dir>/banking77/train.csv …); default $PEFTLAB_DATA_DIR."
     )
-    train_file: Union[str, None] = _help(None, "CSV, JSONL or Parquet file with training examples.")
-    validation_file: Union[str, None] = _help(None, "Optional validation file; else a stratified split of train.")
-    test_file: Union[str, None] = _help(None, "Test file; required with train_file.")
-    text_columns: Union[list[str], None] = _help(
+    train_file: str | None = _help(None, "CSV, JSONL or Parquet file with training examples.")
+    validation_file: str | None = _help(None, "Optional validation file; else a stratified split of train.")
+    test_file: str | None = _help(None, "Test file; required with train_file.")
+    text_columns: list[str] | None = _help(
         None, "Text column(s), joined with '. ' when several. Default: the dataset's own, else ['text']."
     )
-    label_column: Union[str, None] = _help(None, "Label column. Default: the dataset's own, else 'label'.")
+    label_column: str | None = _help(None, "Label column. Default: the dataset's own, else 'label'.")
     validation_size: float = _help(
         0.1, "Stratified validation split when there is no validation file: a fraction (<1) or a count."
     )
-    max_train_examples: Union[int, None] = _help(None, "Use a stratified subset of the training set (quick runs).")
-    max_test_examples: Union[int, None] = _help(None, "Use a stratified subset of the test set (quick runs).")
+    max_train_examples: int | None = _help(None, "Use a stratified subset of the training set (quick runs).")
+    max_test_examples: int | None = _help(None, "Use a stratified subset of the test set (quick runs).")
 
 
 @dataclass
@@ -70,7 +70,7 @@ class AdapterConfig:
     r: int = _help(8, "LoRA/DoRA rank.")
     lora_alpha: float = _help(16, "LoRA scaling numerator (scale = lora_alpha / r, or / sqrt(r) with rsLoRA).")
     lora_dropout: float = _help(0.1, "Dropout on the adapter's input.")
-    target_modules: Union[str, list[str]] = _help(
+    target_modules: str | list[str] = _help(
         "auto", "'auto' (per architecture: query+value or its equivalent), 'all-linear', or module names."
     )
     use_rslora: bool = _help(False, "Rank-stabilised LoRA scaling (lora_alpha / sqrt(r)).")
@@ -82,8 +82,8 @@ class AdapterConfig:
         "help": "Extra modules trained in full and saved with the adapter (head and new weights always are)."})
     init_r: int = _help(12, "AdaLoRA: initial rank of every module.")
     target_r: int = _help(8, "AdaLoRA: average rank per module after pruning (budget = target_r × modules).")
-    tinit: Union[int, None] = _help(None, "AdaLoRA: optimizer steps of warm-up before pruning (default 10 %).")
-    tfinal: Union[int, None] = _help(None, "AdaLoRA: final optimizer steps at fixed ranks (default 20 %).")
+    tinit: int | None = _help(None, "AdaLoRA: optimizer steps of warm-up before pruning (default 10 %).")
+    tfinal: int | None = _help(None, "AdaLoRA: final optimizer steps at fixed ranks (default 20 %).")
     deltaT: int = _help(10, "AdaLoRA: optimizer steps between two budget allocations.")
     beta1: float = _help(0.85, "AdaLoRA: EMA factor of the sensitivity.")
     beta2: float = _help(0.85, "AdaLoRA: EMA factor of the uncertainty.")
@@ -95,10 +95,10 @@ class TrainConfig:
     epochs: int = _help(5, "Training epochs.")
     batch_size: int = _help(32, "Examples per optimizer step on each process (before accumulation).")
     eval_batch_size: int = _help(128, "Examples per evaluation batch.")
-    learning_rate: Union[float, None] = _help(
+    learning_rate: float | None = _help(
         None, "Peak learning rate. Default per method: full 1e-4, lora/dora/adalora 5e-3."
     )
-    head_learning_rate: Union[float, None] = _help(None, "Learning rate of the head; default learning_rate.")
+    head_learning_rate: float | None = _help(None, "Learning rate of the head; default learning_rate.")
     weight_decay: float = _help(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
     warmup_ratio: float = _help(0.06, "Fraction of optimizer steps with linear warmup.")
     lr_scheduler: Literal["linear", "cosine", "constant"] = _help("linear", "Schedule after warmup.")
@@ -116,7 +116,7 @@ class TrainConfig:
     )
     seed: int = _help(42, "Seed for splits, initialisation and data order.")
     num_threads: int = _help(0, "CPU threads for torch; 0 keeps torch's choice.")
-    max_steps: Union[int, None] = _help(None, "Stop after this many optimizer steps (smoke tests).")
+    max_steps: int | None = _help(None, "Stop after this many optimizer steps (smoke tests).")
 
 
 @dataclass
@@ -126,7 +126,7 @@ class Config:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = _help("runs", "Folder in which run folders are created.")
-    run_name: Union[str, None] = _help(None, "Run folder name; default <dataset>-<method>-<time>.")
+    run_name: str | None = _help(None, "Run folder name; default <dataset>-<method>-<time>.")
 
     @property
     def learning_rate(self) -> float:

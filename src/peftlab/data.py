@@ -66,7 +66,7 @@ class LabelMap:
         write_json(path, {"id2label": {str(i): n for i, n in enumerate(self.names)}})
 
     @classmethod
-    def load(cls, path: Path) -> "LabelMap":
+    def load(cls, path: Path) -> LabelMap:
         raw = json.loads(Path(path).read_text())["id2label"]
         return cls([raw[str(i)] for i in range(len(raw))])
 
@@ -172,7 +172,7 @@ def to_frame(df: pd.DataFrame, text_columns: list[str], label_column: str | None
 
 # ------------------------------------------------------------------------------------------ splits
 
-def stratified_take(df: pd.DataFrame, n: int | float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def stratified_take(df: pd.DataFrame, n: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split ``df`` into (rest, taken) with ``n`` rows (or that fraction) taken, stratified by label."""
     from sklearn.model_selection import train_test_split
 

@@ -39,7 +39,7 @@ def metrics(logits: np.ndarray, labels: list[int] | np.ndarray, names: list[str]
         "accuracy": float(accuracy_score(y, pred)),
         "f1": float(f1_score(y, pred, average="macro", labels=np.arange(logits.shape[1]), zero_division=0)),
         "loss": float(-logp[np.arange(len(y)), y].mean()),
-        "examples": int(len(y)),
+        "examples": len(y),
     }
     if per_class:
         report = classification_report(y, pred, labels=np.arange(logits.shape[1]), target_names=names,

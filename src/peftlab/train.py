@@ -12,9 +12,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -194,9 +194,9 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
             bar.set_postfix(loss=f"{running_loss / running_n:.4f}", refresh=False)
             if not accelerator.sync_gradients:
                 continue
-            if schedule and result.global_step % eval_every == 0 and cfg.eval_every_steps:
-                if evaluate_now(epoch_index + (i + 1) / len(batches)):
-                    return True
+            due = schedule and cfg.eval_every_steps and result.global_step % eval_every == 0
+            if due and evaluate_now(epoch_index + (i + 1) / len(batches)):
+                return True
             if result.global_step >= total_steps and schedule:
                 return True
         return False

@@ -41,6 +41,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
     from .report import write_report
     from .train import AdaLoraSchedule, fit, optimizer_steps
 
+    wall_start = time.perf_counter()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     # Data first: AdaLoRA's total_step depends on the number of training examples.
@@ -50,7 +51,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
     from accelerate import PartialState
 
     num_processes = PartialState().num_processes
-    per_epoch, total_steps = optimizer_steps(len(splits.train), cfg.train, num_processes)
+    _per_epoch, total_steps = optimizer_steps(len(splits.train), cfg.train, num_processes)
     schedule = None
     if cfg.adapter.method == "adalora":
         schedule = config_mod.check_adalora_schedule(cfg.adapter, total_steps)
@@ -112,6 +113,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
             "final_epoch_on_train_and_validation": result.final_epoch_on_train_and_validation,
             "test_accuracy": test["accuracy"], "test_f1": test["f1"], "test_loss": test["loss"],
             "train_seconds": round(result.train_seconds, 2),
+            "wall_seconds": round(time.perf_counter() - wall_start, 2),
             "train_samples_per_second": round(result.train_examples_seen / max(result.train_seconds, 1e-9), 2),
             "eval_samples_per_second": round(len(test_ids) / max(eval_seconds, 1e-9), 2),
             "peak_memory_mb": round(_peak_memory_mb(), 1),
@@ -216,8 +218,8 @@ def predict(run: str | Path, texts: list[str], batch_size: int = 128, top_k: int
     ids = encode(texts, tokenizer, cfg["model"]["max_length_tokens"])
     probs = torch.softmax(torch.from_numpy(predict_logits(model, ids, tokenizer.pad_token_id or 0, batch_size)), -1)
     scores, idx = probs.topk(min(top_k, probs.shape[1]), dim=-1)
-    return [[(labels.names[j], float(s)) for j, s in zip(row_i.tolist(), row_s.tolist())]
-            for row_i, row_s in zip(idx, scores)]
+    return [[(labels.names[j], float(s)) for j, s in zip(row_i.tolist(), row_s.tolist(), strict=False)]
+            for row_i, row_s in zip(idx, scores, strict=False)]
 
 
 def info(run: str | Path) -> dict:
