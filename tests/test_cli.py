@@ -69,6 +69,9 @@ def test_evaluate_and_info_print_metrics(run, capsys):
     (["evaluate", "/nonexistent/run"], "error: run folder '/nonexistent/run' not found"),
     (["info", str(REPO)], f"error: '{REPO}' is not a peftlab run folder (no config.yaml / labels.json)"),
     (["train", "data.data_dir=/nonexistent"], "error: dataset 'banking77' not found under '/nonexistent'"),
+    (["train", "--data-dir", "/nonexistent", "train.lerning_rate=1"], "error: unknown key 'train.lerning_rate'"),
+    (["train", str(REPO / "configs" / "banking77-lora.yaml"), "--data-dir", "/nonexistent", "train.epochs=2"],
+     "error: dataset 'banking77' not found under '/nonexistent'"),
 ])
 def test_user_mistakes_are_one_line_errors_with_exit_code_2(args, message):
     r = peftlab(*args)
@@ -87,7 +90,7 @@ def test_unfinished_run_is_refused(run, tmp_path):
     assert r.returncode == 2 and f"error: run '{broken}' did not finish (no summary.json)" in r.stderr
 
 
-def test_existing_finished_run_is_never_overwritten(run):
-    r = peftlab("train", f"output_dir={run.parent}", f"run_name={run.name}", "data.data_dir=../shared/data",
+def test_existing_finished_run_is_never_overwritten(run, data_dir):
+    r = peftlab("train", f"output_dir={run.parent}", f"run_name={run.name}", f"data.data_dir={data_dir}",
                 "data.max_train_examples=100")
     assert r.returncode == 2 and "already holds a finished run" in r.stderr

@@ -72,7 +72,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
     if cfg.adapter.method != "full" and cfg.adapter.init_lora_weights in ("pissa", "olora") and is_main:
         # PiSSA/OLoRA rewrite the base weights; saving the initial adapter lets PEFT convert the trained
         # one into a plain LoRA adapter that loads on the *original* backbone (peft docs, PiSSA).
-        initial_adapter = run_dir / ".initial_adapter"
+        initial_adapter = run_dir / "initial_adapter"  # PEFT uses the folder name as an adapter name: no dots
         init = model.peft_config["default"].init_lora_weights
         model.peft_config["default"].init_lora_weights = True
         model.save_pretrained(initial_adapter)
@@ -143,13 +143,33 @@ def _save_model(model, tokenizer, run_dir: Path, method: str, initial_adapter: P
     tmp = run_dir / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if initial_adapter is not None:
-        model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(initial_adapter))
-        shutil.rmtree(initial_adapter, ignore_errors=True)
+        _save_converted(model, tmp, initial_adapter)
     else:
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
+
+
+def _save_converted(model, folder: Path, initial_adapter: Path) -> None:
+    """Save a PiSSA/OLoRA adapter converted to plain LoRA on the original backbone.
+
+    PEFT's conversion (peft 0.21) writes only the lora_A/lora_B deltas and drops modules_to_save —
+    the trained head — so a reload would get a random classifier. Put those tensors back.
+    """
+    import shutil
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(initial_adapter))
+    shutil.rmtree(initial_adapter, ignore_errors=True)
+    weights = folder / "adapter_model.safetensors"
+    state = load_file(weights)
+    for key, tensor in get_peft_model_state_dict(model).items():
+        if "lora_" not in key and key not in state:
+            state[key] = tensor.detach().cpu().contiguous()
+    save_file(state, weights, metadata={"format": "pt"})
 
 
 def _remove_checkpoints(run_dir: Path) -> None:
