@@ -154,3 +154,10 @@ def test_same_seed_same_metrics(tiny_model, small_data, tmp_path):
         assert train_cli(tiny_overrides(tiny_model, small_data, tmp_path, "lora", run_name=name)) == 0
         results.append([json.loads(x)["eval_loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
     assert results[0] == results[1]
+
+
+def test_a_run_config_reruns_as_a_config(runs):
+    from peftlab import config
+
+    cfg = config.load(runs["lora"] / "config.yaml", ["run_name=again"])
+    assert cfg.adapter.method == "lora" and cfg.train.learning_rate == config.DEFAULT_LEARNING_RATE["lora"]

@@ -20,6 +20,8 @@ import yaml
 from .errors import ConfigError
 
 METHODS = ("full", "lora", "adalora", "dora")
+# The section a run folder's config.yaml adds (versions, backbone path, …): a record, not a setting.
+RUN_RECORD_KEY = "_run"
 
 # Tuned on the embedded all-MiniLM-L6-v2 / Banking77 (see README "Defaults"). A sentence-embedding
 # model learns slowly through low-rank adapters at the seeds' 2e-4, so adapters get a much larger
@@ -341,6 +343,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping of sections (model, data, adapter, train)")
+        data.pop(RUN_RECORD_KEY, None)  # a run folder's config.yaml re-runs as is
     return from_dict(_merge(data, parse_overrides(overrides or [])))
 
 

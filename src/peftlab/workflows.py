@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from . import config as config_mod
 from . import data as data_mod
@@ -64,9 +65,10 @@ def train(cfg: Config, progress: bool = True) -> Path:
     if schedule:
         resolved["adapter"]["tinit"], resolved["adapter"]["tfinal"] = schedule
     if is_main:
-        write_text(run_dir / CONFIG, config_mod.dump(config_mod.from_dict(resolved)) + "\n# recorded by peftlab\n"
-                   + __import__("yaml").safe_dump({"_run": {"versions": versions(), **details,
-                                                           "dataset": splits.name, "notes": splits.notes}}))
+        record = {"versions": versions(), **details, "dataset": splits.name, "notes": splits.notes}
+        write_text(run_dir / CONFIG, config_mod.dump(config_mod.from_dict(resolved))
+                   + "# recorded by peftlab, ignored when this file is used as a config:\n"
+                   + yaml.safe_dump({config_mod.RUN_RECORD_KEY: record}, sort_keys=False))
         splits.labels.save(run_dir / LABELS)
     initial_adapter = None
     if cfg.adapter.method != "full" and cfg.adapter.init_lora_weights in ("pissa", "olora") and is_main:
