@@ -19,7 +19,7 @@ from . import data as data_mod
 from .batching import TrainSet, encode
 from .config import Config
 from .data import LabelMap
-from .errors import DataError, RunError
+from .errors import DataError
 from .runs import CONFIG, LABELS, SUMMARY, new_run_dir, open_run, read_jsonl, versions, write_json, write_text
 
 log = logging.getLogger("peftlab")
@@ -193,14 +193,9 @@ def load_run(run: str | Path, device: str | None = None):
         model = AutoModelForSequenceClassification.from_pretrained(path / "model", use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path / "model")
     else:
-        from peft import PeftModel
+        from .predictor import load_adapter_model
 
-        if not (path / "adapter" / "adapter_model.safetensors").is_file():
-            raise RunError(f"run '{path}' has no adapter/adapter_model.safetensors")
-        base = AutoModelForSequenceClassification.from_pretrained(
-            resolve_backbone(cfg["model"]["name"]), num_labels=len(labels), id2label=labels.id2label,
-            label2id={n: i for i, n in labels.id2label.items()}, use_safetensors=True)
-        model = PeftModel.from_pretrained(base, path / "adapter")
+        model = load_adapter_model(resolve_backbone(cfg["model"]["name"]), path / "adapter", labels)
         tokenizer = AutoTokenizer.from_pretrained(path / "adapter")
     model.eval()
     if device:
@@ -232,16 +227,15 @@ def evaluate(run: str | Path, data: str | Path | None = None, text_columns: list
     return out
 
 
-def predict(run: str | Path, texts: list[str], batch_size: int = 128, top_k: int = 1):
-    """Labels and scores (softmax) for ``texts``: a list of [(label, score), …] per text, best first."""
-    from .evaluate import predict_logits
+def predict(run: str | Path, texts: list[str], batch_size: int = 64, top_k: int = 1):
+    """Labels and scores (softmax) for ``texts``: a list of [(label, score), …] per text, best first.
 
-    model, tokenizer, labels, cfg = load_run(run)
-    ids = encode(texts, tokenizer, cfg["model"]["max_length_tokens"])
-    probs = torch.softmax(torch.from_numpy(predict_logits(model, ids, tokenizer.pad_token_id or 0, batch_size)), -1)
-    scores, idx = probs.topk(min(top_k, probs.shape[1]), dim=-1)
-    return [[(labels.names[j], float(s)) for j, s in zip(row_i.tolist(), row_s.tolist(), strict=False)]
-            for row_i, row_s in zip(idx, scores, strict=False)]
+    ``run`` is a run folder or an export folder (adapter, merged or ONNX), or a loaded Predictor.
+    """
+    from .predictor import Predictor, load
+
+    predictor = run if isinstance(run, Predictor) else load(run)
+    return predictor.predict(texts, top_k, batch_size)
 
 
 def info(run: str | Path) -> dict:
