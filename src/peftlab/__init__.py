@@ -2,13 +2,14 @@
 compare them honestly. The functions below are the Python API; the CLI calls the same ones."""
 
 from . import config
-from .errors import ConfigError, DataError, PeftlabError, RunError
+from .errors import ConfigError, DataError, ExportError, PeftlabError, RunError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
     "DataError",
+    "ExportError",
     "PeftlabError",
     "RunError",
     "config",

@@ -23,3 +23,7 @@ class DataError(PeftlabError):
 
 class RunError(PeftlabError):
     """A run folder is missing, incomplete or not a peftlab run."""
+
+
+class ExportError(PeftlabError):
+    """An export cannot be made, or does not reproduce the run's predictions."""

@@ -1,0 +1,180 @@
+"""Export a run for production: the adapter alone, a merged transformers model, or ONNX (optionally int8).
+
+Every export is checked before it is kept: the exported model is reloaded the way a user would load it
+and run on real labelled texts (the run's test split, or ``--data``) next to the run's own PyTorch
+model; the maximum logit difference, the agreement of predicted labels and the accuracy of both go into
+``export.json``. An export that does not reproduce the run is an error, and nothing is left behind: the
+folder is built under a temporary name and renamed only when the check passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import predictor as predictor_mod
+from .errors import ExportError
+from .predictor import EXPORT_RECORD, ONNX_FILE, ONNX_INT8_FILE, Predictor
+from .runs import LABELS, open_run, versions, write_json
+
+log = logging.getLogger("peftlab")
+
+FORMATS = ("adapter", "merged", "onnx")
+# Largest logit difference an unquantised export may show against the run: fp32 merges and ONNX
+# kernels reorder sums (~1e-6 here); anything near 1e-3 means a wrong graph or lost weights.
+MAX_LOGIT_DIFF = 1e-3
+ONNX_OPSET = 17
+
+
+def export(run: str | Path, fmt: str, out: str | Path | None = None, quantize: bool = False,
+           data: str | Path | None = None, parity_examples: int = 512, force: bool = False) -> Path:
+    """Export ``run`` as ``fmt`` into ``out`` (default RUN/export-FMT); return the export folder."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if quantize and fmt != "onnx":
+        raise ExportError("--quantize applies to --format onnx only")
+    run_path, cfg = open_run(run)
+    method = cfg["adapter"]["method"]
+    if fmt == "adapter" and method == "full":
+        raise ExportError(f"run '{run_path}' is full fine-tuning and has no adapter; use --format merged or onnx")
+    target = Path(out) if out else run_path / f"export-{fmt}"
+    if target.exists() and any(target.iterdir()) and not force:
+        raise ExportError(f"'{target}' already exists; choose another --output or pass --force to replace it")
+    texts, labels_true = _parity_texts(run_path, cfg, data, parity_examples)
+
+    started = time.perf_counter()
+    reference = predictor_mod.load(run_path)
+    ids = reference.encode(texts)
+    ref_logits = reference.logits_from_ids(ids)
+    y = None if labels_true is None else np.array([reference.labels.ids.get(x, -1) for x in labels_true])
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        record = {"format": fmt, "source_run": str(run_path.resolve()), "method": method,
+                  "backbone": cfg["model"]["name"], "max_length_tokens": cfg["model"]["max_length_tokens"],
+                  "versions": versions()}
+        shutil.copy(run_path / LABELS, tmp / LABELS)
+        if fmt == "adapter":
+            _export_adapter(run_path, tmp)
+        else:
+            merged = _merge(reference)
+            if fmt == "merged":
+                merged.save_pretrained(tmp, safe_serialization=True)
+            else:
+                merged.config.save_pretrained(tmp)
+                _export_onnx(merged, reference.pad_id, tmp / ONNX_FILE)
+        reference.tokenizer.save_pretrained(tmp)
+        write_json(tmp / EXPORT_RECORD, record)  # the loader needs it; rewritten below with the check
+
+        parity = {"examples": len(texts), "data": str(data) if data else "the run's test split"}
+        exported = predictor_mod.load(tmp)
+        parity.update(_compare(ref_logits, exported.logits_from_ids(ids), y))
+        if parity["max_abs_logit_diff"] > MAX_LOGIT_DIFF:
+            raise ExportError(f"the {fmt} export does not reproduce the run: max logit difference "
+                              f"{parity['max_abs_logit_diff']:.2e}, label agreement {100 * parity['label_agreement']:.2f}%")
+        if quantize:
+            _quantize(tmp / ONNX_FILE, tmp / ONNX_INT8_FILE)
+            q = predictor_mod.load(tmp, quantized=True)
+            parity["int8"] = _compare(ref_logits, q.logits_from_ids(ids), y)
+        record["parity"] = parity
+        record["seconds"] = round(time.perf_counter() - started, 2)
+        write_json(tmp / EXPORT_RECORD, record)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _parity_texts(run_path: Path, cfg: dict, data, n: int) -> tuple[list[str], list[str] | None]:
+    """Up to ``n`` real texts (with labels when known): ``data`` if given, else the run's test split."""
+    from . import config as config_mod
+    from . import data as data_mod
+    from .errors import DataError
+
+    if data is not None:
+        table = data_mod.read_table(data)
+        text_cols = cfg["data"]["text_columns"] or ["text"]
+        label_col = cfg["data"]["label_column"] or "label"
+        frame = data_mod.to_frame(table, text_cols, label_col if label_col in table.columns else None, str(data))
+    else:
+        dcfg = config_mod.from_dict({k: cfg[k] for k in ("model", "data", "adapter", "train")}).data
+        try:
+            frame = data_mod.load(dcfg, cfg["train"]["seed"]).test
+        except DataError as e:
+            raise ExportError(f"the parity check needs the run's test data ({e}); or give --data FILE") from None
+    if len(frame) > n:
+        frame = frame.sample(n=n, random_state=0)
+    labels = frame["label"].tolist() if "label" in frame.columns else None
+    return frame["text"].tolist(), labels
+
+
+def _compare(ref: np.ndarray, got: np.ndarray, y: np.ndarray | None) -> dict:
+    """Max logit difference, label agreement and, with true labels ``y`` (ids), both accuracies."""
+    out = {"max_abs_logit_diff": float(np.abs(ref - got).max()),
+           "label_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
+    if y is not None:
+        out["accuracy_reference"] = float((ref.argmax(-1) == y).mean())
+        out["accuracy_export"] = float((got.argmax(-1) == y).mean())
+    return out
+
+
+def _export_adapter(run_path: Path, folder: Path) -> None:
+    for f in (run_path / "adapter").iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+
+
+def _merge(reference: Predictor):
+    """A plain transformers model with the adapter folded into the weights and our label names."""
+    model = reference.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.config.id2label = reference.labels.id2label
+    model.config.label2id = {n: i for i, n in reference.labels.id2label.items()}
+    return model.eval()
+
+
+def _export_onnx(model, pad_id: int, file: Path) -> None:
+    """torch.onnx (TorchScript exporter) with dynamic batch and sequence axes; inputs ids + mask."""
+    import torch
+
+    class Logits(torch.nn.Module):  # the exported graph returns a tensor, not a ModelOutput
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    ids = torch.full((2, 8), pad_id, dtype=torch.long)
+    ids[:, :5] = torch.arange(100, 105)
+    mask = (ids != pad_id).long()
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+            "logits": {0: "batch"}}
+    import warnings
+
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about Python bools in the attention mask code
+        torch.onnx.export(Logits(model), (ids, mask), str(file), input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    """int8 dynamic quantisation of the weights (onnxruntime); activations stay float."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser advises shape pre-processing on the root logger; not needed here
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
