@@ -60,6 +60,10 @@ def test_backbone_resolution(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"has no config\.json"):
         resolve_backbone(str(tmp_path / "empty"))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_backbone("m") == str(tmp_path / "m")  # absolute: runs reload from any directory
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="is not a local folder and the hub is offline"):
         resolve_backbone("bert-base-uncased")

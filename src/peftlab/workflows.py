@@ -62,6 +62,8 @@ def train(cfg: Config, progress: bool = True) -> Path:
     is_main = PartialState().is_main_process
     resolved = config_mod.to_dict(cfg)
     resolved["train"]["learning_rate"] = cfg.learning_rate
+    if cfg.model.name != modeling.DEFAULT_MODEL_NAME:  # a relative folder would break reloads from elsewhere
+        resolved["model"]["name"] = details["backbone"]
     if schedule:
         resolved["adapter"]["tinit"], resolved["adapter"]["tfinal"] = schedule
     if is_main:
