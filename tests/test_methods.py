@@ -89,13 +89,32 @@ def test_adalora_really_allocates_ranks(tiny_model, small_data, tmp_path, monkey
         calls.append(global_step)
         return original(self, global_step)
 
+    from peft.tuners.adalora.layer import RankAllocator
+
+    forced = []
+    allocate = RankAllocator.update_and_allocate
+
+    def recording(self, model, global_step, force_mask=False):
+        if force_mask:
+            forced.append(global_step)
+        return allocate(self, model, global_step, force_mask)
+
     monkeypatch.setattr(AdaLoraModel, "update_and_allocate", counting)
-    args = tiny_overrides(tiny_model, small_data, tmp_path, "adalora", **{"train.epochs": 2, "adapter.deltaT": 1})
+    monkeypatch.setattr(RankAllocator, "update_and_allocate", recording)
+    # Evaluate every step: the evaluation right before PEFT's final allocation must not become 'best'.
+    args = tiny_overrides(tiny_model, small_data, tmp_path, "adalora", **{
+        "train.epochs": 2, "adapter.deltaT": 1, "train.eval_every_steps": 1, "train.metric_for_best": "loss"})
     assert train_cli(args) == 0
     run = tmp_path / "adalora"
     s = json.loads((run / "summary.json").read_text())
     # Called once per optimizer step, with the step number, as PEFT documents.
     assert calls == list(range(s["optimizer_steps"])) and s["optimizer_steps"] == 2 * 14
+    # The final allocation happens once, during step total - tfinal + 1; only later checkpoints are eligible.
+    from peftlab.train import AdaLoraSchedule
+
+    tfinal = s["adalora"]["tfinal"]
+    assert forced == [28 - tfinal] and AdaLoraSchedule.for_schedule(28, tfinal).final_step == forced[0] + 1
+    assert s["best_step"] >= forced[0] + 1
     a = s["adalora"]
     ranks = list(a["final_ranks"].values())
     assert a["modules"] == 4 and len(set(ranks)) > 1, ranks  # ranks moved between modules

@@ -136,6 +136,15 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import regenerate
+
+    written = regenerate(args.run)
+    for path in written:
+        print(path)
+    return 0
+
+
 def cmd_keys(args) -> int:
     from .config import describe
 
@@ -208,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("run", help="run folder")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
+
+    r = sub.add_parser("report", help="write a run's report.md, report.html and plots again from its folder",
+                       description="peftlab report RUN: regenerate report.md, the self-contained report.html and "
+                       "plots/*.png (validation curves, losses, per-class F1 against training examples, most "
+                       "confused pairs, confusion matrix, AdaLoRA ranks) from the run folder's files alone.")
+    r.add_argument("run", help="finished run folder")
+    r.set_defaults(func=cmd_report)
 
     k = sub.add_parser("keys", help="every config key with its default and meaning")
     k.set_defaults(func=cmd_keys)

@@ -29,8 +29,9 @@ def predict_logits(model, input_ids: list[list[int]], pad_id: int, batch_size: i
 
 def metrics(logits: np.ndarray, labels: list[int] | np.ndarray, names: list[str] | None = None,
             per_class: bool = False) -> dict:
-    """accuracy, macro-F1 and mean cross-entropy; with per_class, sklearn's per-label report too."""
-    from sklearn.metrics import accuracy_score, classification_report, f1_score
+    """accuracy, macro-F1 and mean cross-entropy; with per_class, sklearn's per-label report and the
+    confusion matrix too."""
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
     y = np.asarray(labels)
     pred = logits.argmax(-1)
@@ -46,4 +47,6 @@ def metrics(logits: np.ndarray, labels: list[int] | np.ndarray, names: list[str]
                                        output_dict=True, zero_division=0)
         out["per_class"] = {n: {k: report[n][k] for k in ("precision", "recall", "f1-score", "support")}
                             for n in (names or [])}
+        # rows: true label id, columns: predicted label id (the report's confused pairs and heatmap)
+        out["confusion"] = confusion_matrix(y, pred, labels=np.arange(logits.shape[1])).tolist()
     return out

@@ -31,22 +31,31 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 LABELS = "labels.json"
 METRICS = "metrics.jsonl"
+# The process umask, read once (os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
-def write_text(path: Path, text: str) -> None:
+def write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file, fsync and rename, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        # mkstemp creates the file 0600; give it the mode a plain open() would (reports are shared).
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, data) -> None:
@@ -91,8 +100,11 @@ def new_run_dir(output_dir: str, run_name: str | None, dataset: str, method: str
         raise RunError(f"run folder '{path}' already holds a finished run; choose another run_name")
     if path.exists() and any(path.iterdir()):
         # An unfinished run of the same name: start over, keeping nothing that could look complete.
-        for f in (METRICS, "report.md"):
+        import shutil
+
+        for f in (METRICS, "report.md", "report.html"):
             (path / f).unlink(missing_ok=True)
+        shutil.rmtree(path / "plots", ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -40,10 +40,18 @@ def optimizer_steps(n_train: int, cfg: TrainConfig, num_processes: int = 1) -> t
 
 @dataclass
 class AdaLoraSchedule:
-    """What the loop needs to drive AdaLoRA: its final-allocation step (checkpoints before it are not
-    eligible as 'best', since their rank pattern is not the final one)."""
+    """What the loop needs to drive AdaLoRA: the number of completed optimizer steps from which the final
+    rank pattern holds. Checkpoints before it are not eligible as 'best': their pattern is not the final
+    one, and entries pruned by the last mask may have regrown since, so a reload would change logits."""
 
     final_step: int
+
+    @classmethod
+    def for_schedule(cls, total_steps: int, tfinal: int) -> AdaLoraSchedule:
+        # PEFT makes the final allocation in update_and_allocate(t) with t == total_step - tfinal, and the
+        # loop calls it with the number of steps completed *before* the current one: the final pattern
+        # exists once total_step - tfinal + 1 steps are complete.
+        return cls(final_step=total_steps - tfinal + 1)
 
 
 @dataclass
@@ -55,6 +63,7 @@ class FitResult:
     train_examples_seen: int = 0
     stopped_early: bool = False
     final_epoch_on_train_and_validation: bool = False
+    rank_history: list[list[int]] = field(default_factory=list)  # AdaLoRA: [step, sum of ranks] at each change
 
 
 def _accelerator(cfg: TrainConfig):
@@ -124,6 +133,15 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
     eval_every = cfg.eval_every_steps or per_epoch
     start = time.perf_counter()
 
+    def rank_budget() -> int:
+        # Kept singular values over all modules. PEFT has no rank pattern before its first allocation:
+        # every module still has init_r, which is the allocator's init_bgt.
+        pattern = plain.peft_config["default"].rank_pattern
+        return sum(map(sum, pattern.values())) if pattern else plain.base_model.rankallocator.init_bgt
+
+    if adalora is not None:
+        result.rank_history.append([0, rank_budget()])
+
     def evaluate_now(epoch: float) -> bool:
         """Validate, log, keep the checkpoint if among the best; return True to stop early."""
         nonlocal running_loss, running_n, evals_without_gain
@@ -187,6 +205,8 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
                         # optimizer.step(), before zero_grad() (peft AdaLoraModel.update_and_allocate).
                         plain.base_model.update_and_allocate(result.global_step)
                     result.global_step += 1
+                    if adalora is not None and (budget := rank_budget()) != result.rank_history[-1][1]:
+                        result.rank_history.append([result.global_step, budget])  # only changes: stays small
                 optimizer.zero_grad(set_to_none=True)
             running_loss += loss.detach().float().item()
             running_n += 1
@@ -237,5 +257,7 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
         train_epoch(extra_loader, "final epoch on train+validation", cfg.epochs, schedule=False)
         result.train_seconds += time.perf_counter() - t0
         result.final_epoch_on_train_and_validation = True
+    if result.rank_history and result.rank_history[-1][0] != result.global_step:
+        result.rank_history.append([result.global_step, result.rank_history[-1][1]])  # the series spans the run
     model.eval()
     return result

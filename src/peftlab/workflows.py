@@ -92,7 +92,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
     extra = None
     if cfg.train.final_epoch_on_train_and_validation:
         extra = TrainSet(train_set.input_ids + val_ids, train_set.labels + val_labels, pad_id)
-    adalora = AdaLoraSchedule(final_step=total_steps - schedule[1]) if schedule else None
+    adalora = AdaLoraSchedule.for_schedule(total_steps, schedule[1]) if schedule else None
     head_modules = [m.rsplit(".", 1)[-1] for m in details["newly_initialised"]]
     result = fit(model, train_set, val_ids, val_labels, cfg.train, cfg.learning_rate, run_dir, head_modules,
                  adalora=adalora, extra_set=extra)
@@ -122,6 +122,9 @@ def train(cfg: Config, progress: bool = True) -> Path:
             "eval_samples_per_second": round(len(test_ids) / max(eval_seconds, 1e-9), 2),
             "peak_memory_mb": round(_peak_memory_mb(), 1),
             "device": str(next(model.parameters()).device), "num_processes": num_processes,
+            # per-class example counts: the report plots test F1 against training examples (rare intents)
+            "label_counts": {name: _label_counts(frame, splits.labels.names) for name, frame in
+                             (("train", splits.train), ("validation", splits.validation), ("test", splits.test))},
         }
         if cfg.adapter.method == "adalora":
             ranks = modeling.adalora_ranks(model)
@@ -130,6 +133,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
                 "budget": cfg.adapter.target_r * len(ranks), "tinit": schedule[0], "tfinal": schedule[1],
                 "total_step": total_steps,
                 "effective_trainable_parameters": modeling.adalora_effective_parameters(model, ranks),
+                "init_budget": cfg.adapter.init_r * len(ranks), "rank_history": result.rank_history,
             }
         _save_model(model, tokenizer, run_dir, cfg.adapter.method, initial_adapter)
         write_json(run_dir / "test_metrics.json", test)
@@ -137,6 +141,11 @@ def train(cfg: Config, progress: bool = True) -> Path:
         _remove_checkpoints(run_dir)
         write_json(run_dir / SUMMARY, summary)  # last: marks the run complete
     return run_dir
+
+
+def _label_counts(frame, names: list[str]) -> dict[str, int]:
+    counts = frame.label.astype(str).value_counts()
+    return {name: int(counts.get(name, 0)) for name in names}
 
 
 def _save_model(model, tokenizer, run_dir: Path, method: str, initial_adapter: Path | None = None) -> None:
