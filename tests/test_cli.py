@@ -10,7 +10,7 @@ from conftest import REPO, tiny_overrides
 
 from peftlab import cli
 
-COMMANDS = ["train", "evaluate", "predict", "export", "serve", "info", "report", "keys"]
+COMMANDS = ["train", "evaluate", "predict", "export", "serve", "info", "report", "compare", "keys"]
 
 
 @pytest.fixture(scope="module")

@@ -102,12 +102,26 @@ def test_missing_and_malformed_config_files(tmp_path):
         config.load(bad)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+TRAIN_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("compare-"))
+COMPARE_CONFIGS = sorted((REPO / "configs").glob("compare-*.yaml"))
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates_and_documents_its_command(path):
     cfg = config.load(path)
     first = path.read_text().splitlines()[0]
     assert first.startswith("# peftlab train configs/"), "first line: the command that runs it"
     assert cfg.adapter.method in config.METHODS
+
+
+@pytest.mark.parametrize("path", COMPARE_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_compare_config_validates_and_documents_its_command(path):
+    from peftlab import compare
+
+    plan = compare.load(path)  # every cell's Config is built and validated
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# peftlab compare configs/{path.name}"), "first line: the command that runs it"
+    assert len(plan.cells) >= 2 and {c.config.adapter.method for c in plan.cells} <= set(config.METHODS)
 
 
 def test_describe_lists_every_key_with_help():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import os
@@ -153,6 +154,32 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import shlex
+
+    from . import compare
+
+    command = "peftlab " + shlex.join(args.argv)
+    items = list(args.overrides)
+    if args.runs:
+        if items:
+            raise PeftlabError("compare --runs takes run folders only: drop the config and key=value overrides")
+        if not args.output_dir:
+            raise PeftlabError("compare --runs needs -o DIR: the folder for comparison.md/.csv")
+        folder = compare.compare_runs(args.runs, args.output_dir, command)
+    else:
+        if not items or "=" in items[0]:
+            raise PeftlabError("compare needs a compare config (COMPARE.yaml) or --runs RUN …")
+        folder = compare.run(items[0], items[1:], args.data_dir, args.output_dir, command, not args.in_process)
+    rows = list(csv.DictReader((folder / "comparison.csv").read_text().splitlines()))
+    md = (folder / "comparison.md").read_text().splitlines()
+    print("\n".join(line for line in md if line.startswith("|")))
+    failed = [r["run"] for r in rows if r["status"] in ("failed", "skipped")]
+    print(f"comparison: {folder / 'comparison.md'}" + (f"  ({len(failed)} of {len(rows)} runs failed or skipped)"
+                                                        if failed else ""))
+    return 1 if failed else 0
+
+
 def cmd_serve(args) -> int:
     try:  # an optional extra: fail with the install line, not an ImportError
         import fastapi  # noqa: F401
@@ -225,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="finished run folder")
     r.set_defaults(func=cmd_report)
 
+    c = sub.add_parser("compare", help="train and compare methods × settings × seeds, or compare finished runs",
+                       description="peftlab compare COMPARE.yaml [key=value ...]: train every cell of the matrix that "
+                       "is not finished yet (finished ones are reused), then write comparison.md/.csv/.html and plots "
+                       "to <output_dir>/<name>/. peftlab compare --runs RUN ... -o DIR compares finished run folders. "
+                       "Exit code 1 when a run failed (the table marks it).")
+    c.add_argument("overrides", nargs="*", metavar="COMPARE.yaml [key=value]",
+                   help="compare config, then key=value overrides applied to every run")
+    c.add_argument("--data-dir", help="folder with built-in datasets (default $PEFTLAB_DATA_DIR)")
+    c.add_argument("-o", "--output-dir", help="where the comparison goes (default: the config's output_dir, runs/)")
+    c.add_argument("--runs", nargs="+", metavar="RUN", help="compare these finished run folders instead of training")
+    c.add_argument("--in-process", action="store_true", help="train every run in this process (starts quicker; "
+                   "peak memory then includes earlier runs'); default: each run in its own process")
+    c.set_defaults(func=cmd_compare)
+
     k = sub.add_parser("keys", help="every config key with its default and meaning")
     k.set_defaults(func=cmd_keys)
 
@@ -251,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come after options (train CONFIG --data-dir D k=v): argparse leaves
     # those over, and they belong to train's overrides.
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if extra:
-        if args.command != "train" or any("=" not in x or x.startswith("-") for x in extra):
+        if args.command not in ("train", "compare") or any("=" not in x or x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     _setup_logging(args.verbose)

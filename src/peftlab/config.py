@@ -119,6 +119,13 @@ class TrainConfig:
     seed: int = _help(42, "Seed for splits, initialisation and data order.")
     num_threads: int = _help(0, "CPU threads for torch; 0 keeps torch's choice.")
     max_steps: int | None = _help(None, "Stop after this many optimizer steps (smoke tests).")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list, metadata={
+        "help": "Experiment trackers that receive each evaluation, the test metrics and the hyperparameters: "
+                "tensorboard, mlflow, wandb (each an extra: pip install 'peftlab[mlflow]')."})
+    tracking_dir: str | None = _help(
+        None, "Folder for the trackers' local files (TensorBoard events, MLflow file store, W&B offline runs); "
+        "default <run>/tracking.")
+    tracking_project: str = _help("peftlab", "MLflow experiment and W&B project name.")
 
 
 @dataclass
@@ -226,7 +233,10 @@ def _build(cls, data: Any, prefix: str, problems: list[str]):
             ):
                 lits = [x for a in [tp, *typing.get_args(tp)] if typing.get_origin(a) is Literal
                         for x in typing.get_args(a)]
-                hint = _did_you_mean(value, lits)
+                # a list (or key=a,b) is judged by its first bad item: did-you-mean for 'mlfow', not the list
+                items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+                bad = next((str(v).strip() for v in items if str(v).strip() not in map(str, lits)), value)
+                hint = _did_you_mean(bad, lits)
             problems.append(f"{name}: expected {_type_name(tp)}, got {value!r}{hint}")
             continue
         kwargs[key] = coerced

@@ -37,12 +37,13 @@ def train(cfg: Config, progress: bool = True) -> Path:
     """Train, evaluate on test, and write a complete run folder; return its path."""
     from accelerate.utils import set_seed
 
-    from . import modeling
+    from . import modeling, tracking
     from .evaluate import metrics, predict_logits
     from .report import write_report
     from .train import AdaLoraSchedule, fit, optimizer_steps
 
     wall_start = time.perf_counter()
+    tracking.check(cfg.train.report_to)  # a missing tracker library fails before any work
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     # Data first: AdaLoRA's total_step depends on the number of training examples.
@@ -94,52 +95,56 @@ def train(cfg: Config, progress: bool = True) -> Path:
         extra = TrainSet(train_set.input_ids + val_ids, train_set.labels + val_labels, pad_id)
     adalora = AdaLoraSchedule.for_schedule(total_steps, schedule[1]) if schedule else None
     head_modules = [m.rsplit(".", 1)[-1] for m in details["newly_initialised"]]
-    result = fit(model, train_set, val_ids, val_labels, cfg.train, cfg.learning_rate, run_dir, head_modules,
-                 adalora=adalora, extra_set=extra)
+    # Trackers see what metrics.jsonl gets (fit's on_eval), then the test metrics; closed as failed
+    # if anything below raises.
+    with tracking.start(cfg.train, run_dir, resolved, enabled=is_main) as tracker:
+        result = fit(model, train_set, val_ids, val_labels, cfg.train, cfg.learning_rate, run_dir, head_modules,
+                     adalora=adalora, extra_set=extra, on_eval=tracker.log_eval)
 
-    summary: dict = {}
-    if is_main:
-        test_ids = encode(splits.test.text, tokenizer, max_len)
-        t0 = time.perf_counter()
-        logits = predict_logits(model, test_ids, pad_id, cfg.train.eval_batch_size)
-        eval_seconds = time.perf_counter() - t0
-        test = metrics(logits, splits.labels.encode(splits.test.label), splits.labels.names, per_class=True)
-        summary = {
-            "method": cfg.adapter.method, "dataset": splits.name, "notes": splits.notes,
-            "backbone": details["backbone"], "splits": splits.sizes(), "num_labels": len(splits.labels),
-            "trainable_parameters": trainable, "total_parameters": total,
-            "trainable_percent": 100 * trainable / total,
-            "parameters": modeling.format_parameters(trainable, total),
-            "optimizer_steps": result.global_step, "planned_optimizer_steps": total_steps,
-            "best_step": result.best.get("step"), "best_epoch": result.best.get("epoch"),
-            "best_validation": {k: result.best.get(f"eval_{k}") for k in ("accuracy", "f1", "loss")},
-            "stopped_early": result.stopped_early,
-            "final_epoch_on_train_and_validation": result.final_epoch_on_train_and_validation,
-            "test_accuracy": test["accuracy"], "test_f1": test["f1"], "test_loss": test["loss"],
-            "train_seconds": round(result.train_seconds, 2),
-            "wall_seconds": round(time.perf_counter() - wall_start, 2),
-            "train_samples_per_second": round(result.train_examples_seen / max(result.train_seconds, 1e-9), 2),
-            "eval_samples_per_second": round(len(test_ids) / max(eval_seconds, 1e-9), 2),
-            "peak_memory_mb": round(_peak_memory_mb(), 1),
-            "device": str(next(model.parameters()).device), "num_processes": num_processes,
-            # per-class example counts: the report plots test F1 against training examples (rare intents)
-            "label_counts": {name: _label_counts(frame, splits.labels.names) for name, frame in
-                             (("train", splits.train), ("validation", splits.validation), ("test", splits.test))},
-        }
-        if cfg.adapter.method == "adalora":
-            ranks = modeling.adalora_ranks(model)
-            summary["adalora"] = {
-                "final_ranks": ranks, "rank_sum": sum(ranks.values()), "modules": len(ranks),
-                "budget": cfg.adapter.target_r * len(ranks), "tinit": schedule[0], "tfinal": schedule[1],
-                "total_step": total_steps,
-                "effective_trainable_parameters": modeling.adalora_effective_parameters(model, ranks),
-                "init_budget": cfg.adapter.init_r * len(ranks), "rank_history": result.rank_history,
+        summary: dict = {}
+        if is_main:
+            test_ids = encode(splits.test.text, tokenizer, max_len)
+            t0 = time.perf_counter()
+            logits = predict_logits(model, test_ids, pad_id, cfg.train.eval_batch_size)
+            eval_seconds = time.perf_counter() - t0
+            test = metrics(logits, splits.labels.encode(splits.test.label), splits.labels.names, per_class=True)
+            summary = {
+                "method": cfg.adapter.method, "dataset": splits.name, "notes": splits.notes,
+                "backbone": details["backbone"], "splits": splits.sizes(), "num_labels": len(splits.labels),
+                "trainable_parameters": trainable, "total_parameters": total,
+                "trainable_percent": 100 * trainable / total,
+                "parameters": modeling.format_parameters(trainable, total),
+                "optimizer_steps": result.global_step, "planned_optimizer_steps": total_steps,
+                "best_step": result.best.get("step"), "best_epoch": result.best.get("epoch"),
+                "best_validation": {k: result.best.get(f"eval_{k}") for k in ("accuracy", "f1", "loss")},
+                "stopped_early": result.stopped_early,
+                "final_epoch_on_train_and_validation": result.final_epoch_on_train_and_validation,
+                "test_accuracy": test["accuracy"], "test_f1": test["f1"], "test_loss": test["loss"],
+                "train_seconds": round(result.train_seconds, 2),
+                "wall_seconds": round(time.perf_counter() - wall_start, 2),
+                "train_samples_per_second": round(result.train_examples_seen / max(result.train_seconds, 1e-9), 2),
+                "eval_samples_per_second": round(len(test_ids) / max(eval_seconds, 1e-9), 2),
+                "peak_memory_mb": round(_peak_memory_mb(), 1),
+                "device": str(next(model.parameters()).device), "num_processes": num_processes,
+                # per-class example counts: the report plots test F1 against training examples (rare intents)
+                "label_counts": {name: _label_counts(frame, splits.labels.names) for name, frame in
+                                 (("train", splits.train), ("validation", splits.validation), ("test", splits.test))},
             }
-        _save_model(model, tokenizer, run_dir, cfg.adapter.method, initial_adapter)
-        write_json(run_dir / "test_metrics.json", test)
-        write_report(run_dir, summary, read_jsonl(run_dir / "metrics.jsonl"))
-        _remove_checkpoints(run_dir)
-        write_json(run_dir / SUMMARY, summary)  # last: marks the run complete
+            if cfg.adapter.method == "adalora":
+                ranks = modeling.adalora_ranks(model)
+                summary["adalora"] = {
+                    "final_ranks": ranks, "rank_sum": sum(ranks.values()), "modules": len(ranks),
+                    "budget": cfg.adapter.target_r * len(ranks), "tinit": schedule[0], "tfinal": schedule[1],
+                    "total_step": total_steps,
+                    "effective_trainable_parameters": modeling.adalora_effective_parameters(model, ranks),
+                    "init_budget": cfg.adapter.init_r * len(ranks), "rank_history": result.rank_history,
+                }
+            _save_model(model, tokenizer, run_dir, cfg.adapter.method, initial_adapter)
+            write_json(run_dir / "test_metrics.json", test)
+            write_report(run_dir, summary, read_jsonl(run_dir / "metrics.jsonl"))
+            _remove_checkpoints(run_dir)
+            tracker.log_final(summary, result.global_step)
+            write_json(run_dir / SUMMARY, summary)  # last: marks the run complete
     return run_dir
 
 
