@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from peftlab import cli, compare, modeling, workflows
+from peftlab import cli, compare, comparison, modeling, workflows
 from peftlab.errors import ConfigError, DataError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -59,7 +59,7 @@ def table(folder) -> dict[str, dict[str, str]]:
 
 def rows_from(folder) -> list[dict]:
     """The comparison's per-run rows, rebuilt from the run folders listed in comparison.csv."""
-    return [compare._row(folder / r["run"], folder, r["group"],
+    return [comparison._row(folder / r["run"], folder, r["group"],
                          compare.Cell(r["method"], "default", int(r["seed"]), None, status="reused"))
             for r in csv_rows(folder)]
 
@@ -119,17 +119,17 @@ def test_table_shows_mean_and_sample_std_over_seeds(matrix):
         assert rows[method]["Runs (n)"] == "2"
         assert rows[method]["Trainable parameters"] == f"{runs[0]['trainable_parameters']:,}"
         assert rows[method]["Peak memory MB (max)"] == f"{max(r['peak_memory_mb'] for r in runs):.0f}"
-    groups = {g["group"]: g for g in compare.summarise(rows_from(folder))}
+    groups = {g["group"]: g for g in comparison.summarise(rows_from(folder))}
     seconds = [summary(folder, f"runs/lora-default-seed{s}")["train_seconds"] for s in SEEDS]
     assert groups["lora"]["train_seconds"] == pytest.approx((statistics.mean(seconds), statistics.stdev(seconds), 2))
     # the arithmetic itself, on values where n-1 matters
-    assert compare._stats([0.9, 0.8]) == pytest.approx((0.85, math.sqrt(0.005), 2))
-    assert compare._stats([0.5]) == (0.5, None, 1)
+    assert comparison._stats([0.9, 0.8]) == pytest.approx((0.85, math.sqrt(0.005), 2))
+    assert comparison._stats([0.5]) == (0.5, None, 1)
 
 
 def test_accuracy_plot_points_are_the_table_means(matrix):
     folder = matrix / "out" / "tiny"
-    _blocks, figs = compare.build(rows_from(folder), "tiny", "cmd")
+    _blocks, figs = comparison.build(rows_from(folder), "tiny", "cmd")
     ax = figs["accuracy_vs_parameters.png"].axes[0]
     assert ax.get_xscale() == "log"
     points = {c.get_label(): c for c in ax.containers}  # one errorbar per method
