@@ -44,7 +44,7 @@ def cmd_train(args) -> int:
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     cfg = config_mod.load(cfg_file, overrides)
-    run = train(cfg)
+    run = train(cfg, resume=True if args.resume else False if args.restart else None)
     s = read_summary(run)
     print(f"test accuracy {100 * s['test_accuracy']:.2f}%  macro-F1 {100 * s['test_f1']:.2f}%  "
           f"trainable {s['parameters']}  train {s['train_seconds'] / 60:.1f} min")
@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="an optional YAML config, then key=value overrides")
     t.add_argument("--data-dir", help=f"folder with built-in datasets (default ${'PEFTLAB_DATA_DIR'})")
     t.add_argument("--output-dir", help="where run folders go (default runs/)")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the unfinished run named by run_name=… "
+                       "(the default whenever that run saved a resume state and the config matches)")
+    again.add_argument("--restart", action="store_true", help="discard an unfinished run of that name and start over")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="accuracy, macro-F1 and per-class metrics of a run")

@@ -36,9 +36,6 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 OWNED = {"adapter.method": "methods", "train.seed": "seeds", "run_name": "the cell's folder name",
          "output_dir": "the compare's output_dir / --output-dir"}
 BUDGET_OWNED = ("adapter.r", "adapter.init_r", "adapter.target_r")
-# Where they run and where trackers write does not change a result: not part of a cell's identity.
-NOT_IDENTITY = {"data.data_dir", "output_dir", "run_name", "train.num_threads", "train.report_to",
-                "train.tracking_dir", "train.tracking_project"}
 # AdaLoRA prunes from init_r down to target_r; 1.5× is the ratio of the shipped 12 → 8 setup.
 INIT_R_FACTOR = 1.5
 
@@ -93,13 +90,6 @@ def _nested(value, where: str, problems: list[str]) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = config_mod._merge(node.get(last, {}), v) if isinstance(v, dict) else v
-    return out
-
-
-def _dotted(nested: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in nested.items():
-        out.update(_dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
@@ -187,7 +177,7 @@ def load(source: str | Path | dict, overrides: list[str] | None = None, data_dir
     layers = [("overrides", common), ("command line", cli), *((f"settings.{k}", v) for k, v in settings.items()),
               *((f"per_method.{k}", v) for k, v in per_method.items())]
     for where, nested in layers:
-        for key in _dotted(nested):
+        for key in config_mod.dotted(nested):
             if key in owned:
                 problems.append(f"{where}: {key} is set by {owned[key]}; remove it here")
     if problems:
@@ -299,27 +289,6 @@ def choose_ranks(plan: Plan) -> dict[str, dict]:
 
 # ------------------------------------------------------------------------------------- running
 
-def _differences(cfg: Config, recorded: dict) -> list[str]:
-    """Keys where a finished run's config.yaml differs from what the cell asks for (resolved values the
-    run filled in itself — learning-rate default, AdaLoRA schedule, local model path — are matched)."""
-    want = _dotted(config_mod.to_dict(cfg))
-    have = _dotted({k: v for k, v in recorded.items() if k != config_mod.RUN_RECORD_KEY})
-    want["train.learning_rate"] = cfg.learning_rate
-    if cfg.model.name != "default" and Path(cfg.model.name).expanduser().exists():
-        want["model.name"] = str(Path(cfg.model.name).expanduser().resolve())
-    out = []
-    for key, value in want.items():
-        # keys a run's config.yaml lacks came with a later peftlab: the run cannot have differed in them
-        if key in NOT_IDENTITY or key not in have or (key in ("adapter.tinit", "adapter.tfinal") and value is None):
-            continue
-        got = have.get(key)
-        same = (math.isclose(value, got) if isinstance(value, float) and isinstance(got, (int, float))
-                else value == got)
-        if not same:
-            out.append(f"{key} {got!r} → {value!r}")
-    return out
-
-
 def train_cell(config_file: str, error_file: str) -> int:
     """Entry point of a cell's own process (``isolate=True``): train, or write the one-line error."""
     from .cli import _setup_logging
@@ -363,7 +332,7 @@ def run(source: str | Path | dict | Plan, overrides: list[str] | None = None, da
     for cell in plan.cells:
         run_dir = plan.folder / "runs" / cell.name
         if (run_dir / SUMMARY).is_file():
-            diffs = _differences(cell.config, open_run(run_dir)[1])
+            diffs = config_mod.differences(cell.config, open_run(run_dir)[1])
             if diffs:
                 stale.append(f"{cell.name} ({'; '.join(diffs[:3])})")
     if stale:
@@ -416,8 +385,8 @@ def compare_runs(runs: list[str | Path], output_dir: str | Path, command: str | 
         raise RunError("compare --runs: the same run folder is given twice")
     keys = []
     for _p, cfg in opened:
-        d = {k: v for k, v in _dotted({k: v for k, v in cfg.items() if k != config_mod.RUN_RECORD_KEY}).items()
-             if k not in NOT_IDENTITY and k != "train.seed"}
+        d = {k: v for k, v in config_mod.dotted({k: v for k, v in cfg.items() if k != config_mod.RUN_RECORD_KEY}).items()
+             if k not in config_mod.NOT_IDENTITY and k != "train.seed"}
         keys.append(d)
     groups = list(dict.fromkeys(json.dumps(k, sort_keys=True, default=str) for k in keys))
     rows = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -112,6 +113,8 @@ class TrainConfig:
     eval_every_steps: int = _help(0, "Evaluate every N optimizer steps; 0 evaluates once per epoch.")
     metric_for_best: Literal["accuracy", "f1", "loss"] = _help("accuracy", "Validation metric that picks the best checkpoint.")
     save_top_k: int = _help(1, "Best checkpoints kept in the run folder during training.")
+    checkpoint_every_steps: int = _help(
+        0, "Also save the resume state every N optimizer steps; 0 saves it after each evaluation only.")
     early_stopping_patience: int = _help(0, "Stop after N evaluations without improvement; 0 disables.")
     final_epoch_on_train_and_validation: bool = _help(
         False, "After training, one more epoch on train+validation at the final learning rate (seed 003)."
@@ -275,8 +278,9 @@ def _check(cfg: Config, problems: list[str]) -> None:
             problems.append(f"train.{key} must be positive (got {value})")
     if not 0 <= t.warmup_ratio < 1:
         problems.append(f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
-    if t.eval_every_steps < 0 or t.early_stopping_patience < 0 or t.num_threads < 0:
-        problems.append("train.eval_every_steps, early_stopping_patience and num_threads must be non-negative")
+    if min(t.eval_every_steps, t.early_stopping_patience, t.num_threads, t.checkpoint_every_steps) < 0:
+        problems.append("train.eval_every_steps, early_stopping_patience, num_threads and checkpoint_every_steps "
+                        "must be non-negative")
     if cfg.model.max_length_tokens < 8:
         problems.append(f"model.max_length_tokens must be at least 8 (got {cfg.model.max_length_tokens})")
     if d.validation_size <= 0:
@@ -380,3 +384,37 @@ def describe() -> list[tuple[str, Any, str]]:
 
     walk(Config, "")
     return rows
+
+
+# Where a run runs and where trackers write does not change a result: not part of a cell's identity.
+NOT_IDENTITY = {"data.data_dir", "output_dir", "run_name", "train.num_threads", "train.report_to",
+                "train.tracking_dir", "train.tracking_project", "train.checkpoint_every_steps"}
+
+
+def dotted(nested: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} → {"a.b": 1}."""
+    out = {}
+    for k, v in nested.items():
+        out.update(dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def differences(cfg: Config, recorded: dict) -> list[str]:
+    """Keys where a run's config.yaml differs from what the cell asks for (resolved values the
+    run filled in itself — learning-rate default, AdaLoRA schedule, local model path — are matched)."""
+    want = dotted(to_dict(cfg))
+    have = dotted({k: v for k, v in recorded.items() if k != RUN_RECORD_KEY})
+    want["train.learning_rate"] = cfg.learning_rate
+    if cfg.model.name != "default" and Path(cfg.model.name).expanduser().exists():
+        want["model.name"] = str(Path(cfg.model.name).expanduser().resolve())
+    out = []
+    for key, value in want.items():
+        # keys a run's config.yaml lacks came with a later peftlab: the run cannot have differed in them
+        if key in NOT_IDENTITY or key not in have or (key in ("adapter.tinit", "adapter.tfinal") and value is None):
+            continue
+        got = have.get(key)
+        same = (math.isclose(value, got) if isinstance(value, float) and isinstance(got, (int, float))
+                else value == got)
+        if not same:
+            out.append(f"{key} {got!r} → {value!r}")
+    return out

@@ -185,4 +185,4 @@ def adalora_effective_parameters(model, ranks: dict[str, int]) -> int:
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Tensors that training changes (the checkpoint content; frozen weights never change)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}

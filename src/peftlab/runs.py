@@ -8,7 +8,8 @@ Layout::
       adapter/           PEFT methods: adapter_config.json + adapter_model.safetensors (+ tokenizer)
       model/             full fine-tuning: a transformers model folder (+ tokenizer)
       metrics.jsonl      one line per evaluation
-      checkpoints/       best-k trainable weights during training (removed when the run completes)
+      checkpoints/       during training: best-k trainable weights and the resume state (checkpoint.py);
+                         removed when the run completes
       summary.json       written last: its presence marks the run complete
       report.md          per-epoch table in the seeds' format
 """
@@ -31,6 +32,7 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 LABELS = "labels.json"
 METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
 # The process umask, read once (os.umask can only be read by setting it).
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -92,19 +94,22 @@ def versions() -> dict[str, str]:
     return out
 
 
-def new_run_dir(output_dir: str, run_name: str | None, dataset: str, method: str) -> Path:
-    """Create a fresh run folder; refuse to overwrite a complete run (results are never lost)."""
+def new_run_dir(output_dir: str, run_name: str | None, dataset: str, method: str, resume: bool = False) -> Path:
+    """Create a run folder; refuse to overwrite a complete run (results are never lost). An unfinished
+    run of the same name starts over, unless ``resume``: then its resume state and metrics are kept."""
     name = run_name or f"{dataset}-{method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     path = Path(output_dir) / name
     if (path / SUMMARY).exists():
         raise RunError(f"run folder '{path}' already holds a finished run; choose another run_name")
     if path.exists() and any(path.iterdir()):
-        # An unfinished run of the same name: start over, keeping nothing that could look complete.
         import shutil
 
-        for f in (METRICS, "report.md", "report.html"):
+        # Nothing that could look complete survives: reports are rewritten at the end.
+        for f in ("report.md", "report.html") if resume else (METRICS, "report.md", "report.html"):
             (path / f).unlink(missing_ok=True)
         shutil.rmtree(path / "plots", ignore_errors=True)
+        if not resume:
+            shutil.rmtree(path / CHECKPOINTS, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -117,7 +122,9 @@ def open_run(path: str | Path) -> tuple[Path, dict]:
     if not (p / CONFIG).is_file() or not (p / LABELS).is_file():
         raise RunError(f"'{p}' is not a peftlab run folder (no {CONFIG} / {LABELS})")
     if not (p / SUMMARY).is_file():
-        raise RunError(f"run '{p}' did not finish (no {SUMMARY}); train it again")
+        hint = ("continue it with peftlab train --resume and the same config" if (p / CHECKPOINTS / "latest.json").is_file()
+                else "train it again")
+        raise RunError(f"run '{p}' did not finish (no {SUMMARY}); {hint}")
     return p, yaml.safe_load((p / CONFIG).read_text())
 
 

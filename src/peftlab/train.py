@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .batching import TrainSet
 from .config import TrainConfig
 from .evaluate import metrics, predict_logits
-from .runs import append_jsonl, write_json
+from .modeling import trainable_state
+from .runs import METRICS, append_jsonl, read_jsonl, write_bytes, write_json, write_text
 
 log = logging.getLogger("peftlab")
 
@@ -100,10 +102,17 @@ def _better(metric: str, a: float, b: float | None) -> bool:
 
 def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[int], cfg: TrainConfig,
         lr: float, run_dir: Path, head_modules: list[str], adalora: AdaLoraSchedule | None = None,
-        extra_set: TrainSet | None = None, on_eval: Callable[[dict], None] | None = None) -> FitResult:
-    """Train ``model`` in place; on return it holds the best checkpoint's weights (or the final ones)."""
+        extra_set: TrainSet | None = None, on_eval: Callable[[dict], None] | None = None,
+        resume: checkpoint.State | None = None) -> FitResult:
+    """Train ``model`` in place; on return it holds the best checkpoint's weights (or the final ones).
+
+    With ``resume`` (checkpoint.load of this run's folder), continue from that state: weights, optimizer,
+    scheduler, AdaLoRA importance scores and rank pattern, RNG, data order and loop counters are restored,
+    so the run ends exactly as it would have without the interruption.
+    """
     from accelerate.utils import set_seed
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+    from safetensors.torch import save as safetensors_bytes
     from tqdm.auto import tqdm
     from transformers import get_scheduler
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -127,11 +136,12 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
     kept: list[tuple[float, int, Path]] = []  # (metric, step, file) of the best-k checkpoints
     result = FitResult()
     pad_id = train_set.pad_id
-    metrics_file = Path(run_dir) / "metrics.jsonl"
+    metrics_file = Path(run_dir) / METRICS
     evals_without_gain = 0
     running_loss, running_n = 0.0, 0
     eval_every = cfg.eval_every_steps or per_epoch
     start = time.perf_counter()
+    epoch_start_order = sampler.generator.get_state()  # data order of the current epoch, for resuming
 
     def rank_budget() -> int:
         # Kept singular values over all modules. PEFT has no rank pattern before its first allocation:
@@ -168,28 +178,98 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
         else:
             evals_without_gain += 1
         worst = kept[-1][0] if len(kept) >= cfg.save_top_k else None
-        if accelerator.is_main_process and (worst is None or _better(cfg.metric_for_best, score, worst)):
-            ckpt_dir.mkdir(exist_ok=True)
+        if worst is None or _better(cfg.metric_for_best, score, worst):
             path = ckpt_dir / f"step-{result.global_step}.safetensors"
-            tmp = path.with_suffix(".tmp")
-            save_file({n: p.detach().cpu().contiguous() for n, p in plain.named_parameters() if p.requires_grad}, tmp)
-            tmp.replace(path)
-            if adalora is not None:  # the mask lives in lora_E, the pattern in the config: keep both
-                write_json(path.with_suffix(".rank_pattern.json"), plain.peft_config["default"].rank_pattern)
+            if accelerator.is_main_process:
+                write_bytes(path, safetensors_bytes(trainable_state(plain)))
+                if adalora is not None:  # the mask lives in lora_E, the pattern in the config: keep both
+                    write_json(path.with_suffix(".rank_pattern.json"), plain.peft_config["default"].rank_pattern)
             kept.append((score, result.global_step, path))
             kept.sort(key=lambda k: k[0], reverse=cfg.metric_for_best != "loss")
-            for _, _, old in kept[cfg.save_top_k:]:
-                old.unlink(missing_ok=True)
-                old.with_suffix(".rank_pattern.json").unlink(missing_ok=True)
+            # Files that fall out of the best-k are deleted by save_state, once no saved state names them.
             del kept[cfg.save_top_k:]
         return bool(cfg.early_stopping_patience) and evals_without_gain >= cfg.early_stopping_patience
 
-    def train_epoch(batches, desc: str, epoch_index: int, schedule: bool) -> bool:
-        """One pass over ``batches``; return True when training must stop."""
+    def save_state(epoch: int, batches_done: int) -> None:
+        """Everything needed to continue after ``batches_done`` batches of ``epoch`` (see checkpoint.py)."""
+        if not accelerator.is_main_process:
+            return
+        tensors = {f"param.{n}": t for n, t in trainable_state(plain).items()}
+        opt_tensors, opt_meta = checkpoint.optimizer_to_flat(optimizer.state_dict())
+        tensors.update({f"optim.{k}": t for k, t in opt_tensors.items()})
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        tensors["rng.order"] = epoch_start_order
+        meta = {"step": result.global_step, "epoch": epoch, "batches_done": batches_done,
+                "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                "train_seconds": time.perf_counter() - start, "train_examples_seen": result.train_examples_seen,
+                "running_loss": running_loss, "running_n": running_n, "evals_without_gain": evals_without_gain,
+                "best": result.best, "history": result.history, "rank_history": result.rank_history,
+                "kept": [[score, step, path.name] for score, step, path in kept]}
+        if adalora is not None:
+            allocator = plain.base_model.rankallocator
+            for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+                tensors.update({f"adalora.{kind}.{n}": t for n, t in getattr(allocator, kind).items()})
+            meta["rank_pattern"] = plain.peft_config["default"].rank_pattern
+        checkpoint.save(ckpt_dir, result.global_step, tensors, meta)
+        names = {path.name for _, _, path in kept}
+        for old in ckpt_dir.glob("step-*.safetensors"):
+            if old.name not in names:
+                old.unlink(missing_ok=True)
+                old.with_suffix(".rank_pattern.json").unlink(missing_ok=True)
+
+    def restore_state(state: checkpoint.State) -> tuple[int, int]:
+        """Load ``state`` into the model, optimizer, scheduler and loop; return (epoch, batches done)."""
+        nonlocal running_loss, running_n, evals_without_gain, start
+        meta = state.meta
+        params = dict(plain.named_parameters())
+        with torch.no_grad():
+            for n, t in state.group("param").items():
+                params[n].copy_(t.to(params[n].device))
+        optimizer.load_state_dict(checkpoint.optimizer_from_flat(state.group("optim"), meta["optimizer"]))
+        scheduler.load_state_dict(meta["scheduler"])
+        if adalora is not None:
+            allocator = plain.base_model.rankallocator
+            for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+                getattr(allocator, kind).clear()
+                getattr(allocator, kind).update({n: t.to(accelerator.device) for n, t in state.group(f"adalora.{kind}").items()})
+            plain.peft_config["default"].rank_pattern = meta["rank_pattern"]
+        result.global_step = meta["step"]
+        result.train_examples_seen = meta["train_examples_seen"]
+        result.best, result.history, result.rank_history = meta["best"], meta["history"], meta["rank_history"]
+        running_loss, running_n, evals_without_gain = meta["running_loss"], meta["running_n"], meta["evals_without_gain"]
+        kept[:] = [(score, step, ckpt_dir / name) for score, step, name in meta["kept"]]
+        start = time.perf_counter() - meta["train_seconds"]
+        sampler.generator.set_state(state.tensors["rng.order"])
+        if accelerator.is_main_process:  # evaluations after the state are replayed: drop their lines
+            write_text(metrics_file, "".join(json.dumps(r, default=str) + "\n" for r in read_jsonl(metrics_file)
+                                             if r["step"] <= result.global_step))
+        return meta["epoch"], meta["batches_done"]
+
+    def restore_rng(state: checkpoint.State) -> None:
+        torch.set_rng_state(state.tensors["rng.torch"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([state.tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
+
+    def train_epoch(batches, desc: str, epoch_index: int, schedule: bool, skip: int = 0,
+                    on_first_batch: Callable[[], None] | None = None) -> bool:
+        """One pass over ``batches`` (the first ``skip`` already done); return True when training must stop."""
         nonlocal running_loss, running_n
         model.train()
-        bar = tqdm(batches, desc=desc, disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
-        for i, batch in enumerate(bar):
+        n_batches = len(batches)
+        if skip:
+            batches = accelerator.skip_first_batches(batches, skip)
+        bar = tqdm(batches, desc=desc, disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True,
+                   initial=skip, total=n_batches)
+        for i, batch in enumerate(bar, start=skip):
+            if schedule and result.global_step >= total_steps:
+                return True  # a resumed run whose state was saved at the last step
+            if on_first_batch is not None:
+                # The data loader's iterator draws its base seed from torch's global RNG when it starts:
+                # restore the RNG after that draw, as it stood at this point in the interrupted run.
+                on_first_batch()
+                on_first_batch = None
             with accelerator.accumulate(model):
                 # Loss through the model: AdaLoRA adds its orthogonal regulariser to outputs.loss.
                 loss = model(**batch).loss
@@ -215,19 +295,36 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
             if not accelerator.sync_gradients:
                 continue
             due = schedule and cfg.eval_every_steps and result.global_step % eval_every == 0
-            if due and evaluate_now(epoch_index + (i + 1) / len(batches)):
+            if due and evaluate_now(epoch_index + (i + 1) / n_batches):
                 return True
+            if schedule and (due or (cfg.checkpoint_every_steps and result.global_step % cfg.checkpoint_every_steps == 0)):
+                save_state(epoch_index, i + 1)
             if result.global_step >= total_steps and schedule:
                 return True
         return False
 
+    first_epoch, skip, first_batch_hook = 0, 0, None
+    if accelerator.is_main_process:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.clean_partial(ckpt_dir)
+    if resume is not None:
+        first_epoch, skip = restore_state(resume)
+        first_batch_hook = lambda: restore_rng(resume)  # noqa: E731
+        log.info("resuming at optimizer step %d (epoch %d, batch %d)", result.global_step, first_epoch + 1, skip)
     stop = False
-    for epoch in range(cfg.epochs):
-        stop = train_epoch(loader, f"epoch {epoch + 1}/{cfg.epochs}", epoch, schedule=True)
+    for epoch in range(first_epoch, cfg.epochs):
+        epoch_start_order = sampler.generator.get_state()  # after a restore: the interrupted epoch's
+        stop = train_epoch(loader, f"epoch {epoch + 1}/{cfg.epochs}", epoch, schedule=True, skip=skip,
+                           on_first_batch=first_batch_hook)
+        if first_batch_hook is not None and skip >= len(loader):
+            restore_rng(resume)  # the state was saved after the epoch's last batch: nothing was fetched
+        skip, first_batch_hook = 0, None
         last_eval_step = result.history[-1]["step"] if result.history else -1
         ending = stop or epoch == cfg.epochs - 1
         if not cfg.eval_every_steps or (ending and last_eval_step != result.global_step):
             stop = evaluate_now(epoch + 1) or stop
+            if not stop and not ending:
+                save_state(epoch + 1, 0)
         if stop:
             result.stopped_early = result.global_step < total_steps
             break

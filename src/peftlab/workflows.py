@@ -19,7 +19,7 @@ from . import data as data_mod
 from .batching import TrainSet, encode
 from .config import Config
 from .data import LabelMap
-from .errors import DataError
+from .errors import DataError, RunError
 from .runs import CONFIG, LABELS, SUMMARY, new_run_dir, open_run, read_jsonl, versions, write_json, write_text
 
 log = logging.getLogger("peftlab")
@@ -33,8 +33,12 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(cfg: Config, progress: bool = True) -> Path:
-    """Train, evaluate on test, and write a complete run folder; return its path."""
+def train(cfg: Config, progress: bool = True, resume: bool | None = None) -> Path:
+    """Train, evaluate on test, and write a complete run folder; return its path.
+
+    An unfinished run of the same ``run_name`` that saved a resume state is continued when ``resume`` is
+    None (if its config matches) or True; ``resume=False`` discards it and starts over.
+    """
     from accelerate.utils import set_seed
 
     from . import modeling, tracking
@@ -57,7 +61,8 @@ def train(cfg: Config, progress: bool = True) -> Path:
     schedule = None
     if cfg.adapter.method == "adalora":
         schedule = config_mod.check_adalora_schedule(cfg.adapter, total_steps)
-    run_dir = new_run_dir(cfg.output_dir, cfg.run_name, splits.name, cfg.adapter.method)
+    state = _resume_state(cfg, resume)
+    run_dir = new_run_dir(cfg.output_dir, cfg.run_name, splits.name, cfg.adapter.method, resume=state is not None)
     set_seed(cfg.train.seed)
     model, tokenizer, details = modeling.build(cfg.model, cfg.adapter, splits.labels.id2label, total_steps, schedule)
     is_main = PartialState().is_main_process
@@ -99,7 +104,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
     # if anything below raises.
     with tracking.start(cfg.train, run_dir, resolved, enabled=is_main) as tracker:
         result = fit(model, train_set, val_ids, val_labels, cfg.train, cfg.learning_rate, run_dir, head_modules,
-                     adalora=adalora, extra_set=extra, on_eval=tracker.log_eval)
+                     adalora=adalora, extra_set=extra, on_eval=tracker.log_eval, resume=state)
 
         summary: dict = {}
         if is_main:
@@ -146,6 +151,32 @@ def train(cfg: Config, progress: bool = True) -> Path:
             tracker.log_final(summary, result.global_step)
             write_json(run_dir / SUMMARY, summary)  # last: marks the run complete
     return run_dir
+
+
+def _resume_state(cfg: Config, resume: bool | None):
+    """The resume state of the unfinished run ``cfg`` names, if it is to be continued (see train)."""
+    from . import checkpoint
+    from .runs import CHECKPOINTS
+
+    folder = Path(cfg.output_dir) / cfg.run_name if cfg.run_name else None
+    if resume and folder is None:
+        raise RunError("resuming needs the run's name: add run_name=NAME (the folder under output_dir)")
+    if resume is False or folder is None:
+        return None
+    if (folder / SUMMARY).is_file():
+        raise RunError(f"run '{folder}' already finished; nothing to resume (choose another run_name to train again)")
+    state = checkpoint.load(folder / CHECKPOINTS)
+    if state is None:
+        if resume:
+            raise RunError(f"'{folder}' has no resume state (it saves one after its first evaluation); "
+                           "train without --resume to start it")
+        return None
+    diffs = config_mod.differences(cfg, yaml.safe_load((folder / CONFIG).read_text()))
+    if diffs:
+        raise RunError(f"the unfinished run '{folder}' was started with another config ({'; '.join(diffs[:3])}): "
+                       "resume it with the same config, or pass --restart to discard it")
+    log.info("continuing the unfinished run %s from optimizer step %d", folder, state.meta["step"])
+    return state
 
 
 def _label_counts(frame, names: list[str]) -> dict[str, int]:
