@@ -194,8 +194,15 @@ def cmd_serve(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other error (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peftlab", description="Fine-tune encoders for text classification with "
+    p = Parser(prog="peftlab", description="Fine-tune encoders for text classification with "
                                 "full fine-tuning, LoRA, AdaLoRA and DoRA.", epilog=EPILOG)
     p.add_argument("-v", "--verbose", action="store_true", help="show library warnings and tracebacks")
     sub = p.add_subparsers(dest="command", required=True)

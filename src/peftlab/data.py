@@ -136,6 +136,11 @@ def clean_text(text: str) -> str:
     return " ".join(text.split())
 
 
+# A text this long is a broken file (an unclosed quote), not a sentence: models read the first
+# max_length_tokens tokens of it anyway.
+MAX_TEXT_CHARS = 100_000
+
+
 def to_frame(df: pd.DataFrame, text_columns: list[str], label_column: str | None, source: str,
              clean: bool = False) -> pd.DataFrame:
     """Select and join the text column(s) and the label column into a text/label frame."""
@@ -150,6 +155,11 @@ def to_frame(df: pd.DataFrame, text_columns: list[str], label_column: str | None
         text = text.str.cat(extra, sep=". ").str.strip(". ").str.strip()
     if clean:
         text = text.map(clean_text)
+    lengths = text.str.len()
+    if len(text) and lengths.max() > MAX_TEXT_CHARS:
+        row = int(lengths.to_numpy().argmax())
+        raise DataError(f"{source}: data row {row + 1} has a text of {int(lengths.iloc[row]):,} characters (the limit "
+                        f"is {MAX_TEXT_CHARS:,}); in a CSV an unclosed quote swallows the rows after it — fix that row")
     out = pd.DataFrame({"text": text})
     if label_column:
         labels = df[label_column]
@@ -272,9 +282,10 @@ def load(cfg: DataConfig, seed: int) -> Splits:
     unseen = sorted(set(test["label"]) - seen)
     if unseen:
         raise DataError(f"test labels not in the training data: {', '.join(unseen[:5])}"
-                        f"{' …' if len(unseen) > 5 else ''} ({len(unseen)} labels); fix the label column or the files")
+                        f"{' …' if len(unseen) > 5 else ''} ({len(unseen)} label{'s' if len(unseen) > 1 else ''}); fix the label column or the files")
     if train["label"].nunique() < 2:
-        raise DataError("the training data has fewer than 2 distinct labels")
+        raise DataError(f"the training data has one label ({train['label'].iloc[0]!r}); classification needs at "
+                        "least 2 — check data.label_column")
     if names is None or set(names) != seen:
         names = sorted(seen)
     if cfg.max_train_examples and cfg.max_train_examples < len(train):

@@ -83,21 +83,51 @@ def resolve_target_modules(model: nn.Module, spec: str | list[str], head_names: 
     return names
 
 
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "model.ckpt.index",
+                   "flax_model.msgpack")
+
+
+def check_backbone(cfg: ModelConfig) -> str:
+    """Resolve ``model.name`` and refuse, before any work, what peftlab will not load from a local folder:
+    weights that are not safetensors (unpickling runs code) and model code shipped with the folder."""
+    path = resolve_backbone(cfg.name)
+    folder = Path(path)
+    if folder.is_dir():
+        if not any(folder.glob("*.safetensors")):
+            other = [f for f in PICKLED_WEIGHTS if (folder / f).exists()]
+            raise ConfigError(f"model.name: '{folder}' has no .safetensors weights{f' (only {other[0]})' if other else ''}; "
+                              "peftlab loads weights only from safetensors — convert them once where you trust the "
+                              "file: AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+        import json
+
+        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map")
+        if auto_map and not cfg.trust_remote_code:
+            raise ConfigError(f"model.name: '{folder}' ships its own model code ({', '.join(sorted(set(auto_map.values())))}); "
+                              "peftlab runs it only with model.trust_remote_code=true — set that if you trust its source")
+    return path
+
+
 def load_backbone(cfg: ModelConfig, id2label: dict[int, str]):
     """Load tokenizer and classifier model; return (model, tokenizer, newly initialised module names)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = resolve_backbone(cfg.name)
+    path = check_backbone(cfg)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        num_labels=len(id2label),
-        id2label={int(k): v for k, v in id2label.items()},
-        label2id={v: int(k) for k, v in id2label.items()},
-        output_loading_info=True,
-        use_safetensors=True,  # never unpickle weights
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(id2label),
+            id2label={int(k): v for k, v in id2label.items()},
+            label2id={v: int(k) for k, v in id2label.items()},
+            output_loading_info=True,
+            use_safetensors=True,  # never unpickle weights
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except OSError as e:
+        if "safetensors" not in str(e):
+            raise
+        raise ConfigError(f"model.name: '{cfg.name}' has no safetensors weights on the hub; peftlab loads weights "
+                          "only from safetensors (pick a revision or model that has model.safetensors)") from None
     # Weights missing from the checkpoint were freshly initialised (the head, and a BERT pooler that
     # sentence-embedding exports drop). They must be trained and saved, or a reload re-randomises them.
     new_modules = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})

@@ -48,6 +48,7 @@ def train(cfg: Config, progress: bool = True, resume: bool | None = None) -> Pat
 
     wall_start = time.perf_counter()
     tracking.check(cfg.train.report_to)  # a missing tracker library fails before any work
+    modeling.check_backbone(cfg.model)  # so does a model folder peftlab will not load
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     # Data first: AdaLoRA's total_step depends on the number of training examples.
