@@ -30,7 +30,8 @@ import yaml
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import ConfigError, PeftlabError, RunError
@@ -259,7 +260,15 @@ class ClassifyRequest(BaseModel):
     texts: list[StrictStr] = Field(min_length=1, description="texts to classify (limits: GET /healthz)")
     adapter: str | None = Field(None, pattern=NAME_PATTERN,
                                 description="adapter name from GET /v1/adapters; optional when only one is loaded")
-    top_k: StrictInt = Field(1, ge=1, description="how many labels per text, best first (at most the number of labels)")
+    top_k: int = Field(1, ge=1, description="how many labels per text, best first (at most the number of labels)")
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _json_integer(cls, v):
+        # JSON Schema's integer: 3 and 3.0, not "3" or true (pydantic's lax int would take those too).
+        if isinstance(v, bool | str):
+            raise PydanticCustomError("int_type", "Input should be a valid integer")
+        return v
 
 
 class LabelScore(BaseModel):
@@ -355,14 +364,18 @@ def create_app(adapters: dict[str, str | Path], limits: ServeLimits | None = Non
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
+        detail = str(exc.detail)
+        if exc.status_code == 400 and detail == "There was an error parsing the body":  # FastAPI's, for non-UTF-8
+            detail = "malformed body: send UTF-8 JSON"
+        return JSONResponse({"error": detail}, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):  # a bug or a model failure: say so in one line
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, 500)
 
     @app.post("/v1/classify", response_model=ClassifyResponse,
-              responses={404: {"description": "unknown adapter"}, 413: {"description": "body too large"},
+              responses={400: {"description": "body is not UTF-8"}, 404: {"description": "unknown adapter"},
+                         413: {"description": "body too large"},
                          422: {"description": "invalid request: `{\"error\": \"one line\"}`"}})
     async def classify(req: ClassifyRequest) -> dict:
         """Labels for up to `max_texts_per_request` texts with one adapter, best first."""
@@ -400,6 +413,26 @@ def create_app(adapters: dict[str, str | Path], limits: ServeLimits | None = Non
         return {"status": "ok", "adapters": len(predictors), "base_models": len(bases),
                 "uptime_s": round(time.time() - started, 1), **batcher.totals, "limits": asdict(limits)}
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        """FastAPI's schema plus what this server enforces beyond the request model — the limits, the
+        adapter names — so that a client (or a schema-driven fuzzer) can tell valid requests from invalid."""
+        if app.openapi_schema is None:
+            request = default_openapi()["components"]["schemas"]["ClassifyRequest"]
+            props = request["properties"]
+            props["texts"]["maxItems"] = limits.max_texts_per_request
+            props["texts"]["items"]["maxLength"] = limits.max_chars_per_text
+            names = {"type": "string", "enum": list(predictors)}
+            if len(predictors) > 1:
+                props["adapter"] = {**names, "description": "adapter name from GET /v1/adapters"}
+                request["required"] = sorted({*request.get("required", []), "adapter"})
+            else:
+                props["adapter"]["anyOf"] = [names, {"type": "null"}]
+            props["top_k"]["maximum"] = min(len(p.labels) for p in predictors.values())
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

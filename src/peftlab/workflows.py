@@ -165,6 +165,8 @@ def _resume_state(cfg: Config, resume: bool | None):
     if resume is False or folder is None:
         return None
     if (folder / SUMMARY).is_file():
+        if not resume:
+            return None  # new_run_dir refuses to overwrite it
         raise RunError(f"run '{folder}' already finished; nothing to resume (choose another run_name to train again)")
     state = checkpoint.load(folder / CHECKPOINTS)
     if state is None:
