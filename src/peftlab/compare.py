@@ -351,7 +351,8 @@ def run(source: str | Path | dict | Plan, overrides: list[str] | None = None, da
             cell.status = "reused"
             log.info("[%d/%d] reusing %s (finished)", i, n, cell.name)
         else:
-            log.info("[%d/%d] training %s", i, n, cell.name)
+            resuming = (run_dir / "checkpoints" / "latest.json").is_file()
+            log.info("[%d/%d] %s %s", i, n, "continuing the unfinished" if resuming else "training", cell.name)
             try:
                 _train_isolated(cell.config) if isolate else workflows.train(cell.config)
                 cell.status = "trained"
