@@ -82,7 +82,7 @@ def test_non_utf8_file(tmp_path):
 def test_test_labels_unseen_in_training(tmp_path):
     pd.DataFrame({"text": list("abcdefgh"), "label": ["x", "y"] * 4}).to_csv(tmp_path / "tr.csv", index=False)
     pd.DataFrame({"text": ["q", "r"], "label": ["x", "z"]}).to_csv(tmp_path / "te.csv", index=False)
-    with pytest.raises(DataError, match=r"^test labels not in the training data: z \(1 labels\)"):
+    with pytest.raises(DataError, match=r"^test labels not in the training data: z \(1 label\)"):
         load(train_file=tmp_path / "tr.csv", test_file=tmp_path / "te.csv", validation_size=2)
 
 
