@@ -263,13 +263,13 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
         bar = tqdm(batches, desc=desc, disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True,
                    initial=skip, total=n_batches)
         for i, batch in enumerate(bar, start=skip):
-            if schedule and result.global_step >= total_steps:
-                return True  # a resumed run whose state was saved at the last step
             if on_first_batch is not None:
                 # The data loader's iterator draws its base seed from torch's global RNG when it starts:
                 # restore the RNG after that draw, as it stood at this point in the interrupted run.
                 on_first_batch()
                 on_first_batch = None
+            if schedule and result.global_step >= total_steps:
+                return True  # a resumed run whose state was saved at the last step
             with accelerator.accumulate(model):
                 # Loss through the model: AdaLoRA adds its orthogonal regulariser to outputs.loss.
                 loss = model(**batch).loss
