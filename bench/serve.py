@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import os
 import random
@@ -73,6 +74,36 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
     raise RuntimeError(f"server not ready after {timeout_s:.0f} s")
 
 
+@contextlib.contextmanager
+def running_server(runs: list[str], limits: dict, threads: int | None = None, startup_timeout: float = 300):
+    """Start `peftlab serve` on the runs (one adapter each) on loopback; yield (url, adapter names,
+    process) once /healthz answers. Prints the server log's tail if the body fails; always stops it."""
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as tmp:
+        config, names = write_config(runs, Path(tmp), limits)
+        cmd = [sys.executable, "-m", "peftlab.cli", "serve", str(config), "--host", HOST, "--port", str(port)]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        log = open(Path(tmp) / "server.log", "w+")  # noqa: SIM115 - read back on failure
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            wait_ready(proc, url, startup_timeout)
+            yield url, names, proc
+        except BaseException:
+            log.seek(0)
+            print("server log (last lines):\n" + "".join(log.readlines()[-20:]), file=sys.stderr)
+            raise
+        finally:  # always stop the server
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -129,39 +160,17 @@ def main() -> int:
     texts = read_texts()
 
     limits = {k: v for k, v in (("max_wait_ms", args.max_wait_ms), ("max_batch_texts", args.max_batch)) if v is not None}
-    port = free_port()
-    url = f"http://{HOST}:{port}"
-    with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as tmp:
-        config, names = write_config(args.run, Path(tmp), limits)
-        cmd = [sys.executable, "-m", "peftlab.cli", "serve", str(config), "--host", HOST, "--port", str(port)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        log = open(Path(tmp) / "server.log", "w+")  # noqa: SIM115 - read back on failure
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        try:
-            t0 = time.perf_counter()
-            wait_ready(proc, url, args.startup_timeout)
-            print(f"server ready in {time.perf_counter() - t0:.1f} s: {', '.join(names)} "
-                  f"({len(texts)} Banking77 test texts, 1 text per request, {args.seconds:g} s per level)")
-            asyncio.run(load_level(url, names, texts, 1, min(1.0, args.seconds)))  # warm-up, not reported
-            print(f"\n{'concurrency':>11} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-                  f"{'errors':>7} {'texts/batch':>12}")
-            for level in levels:
-                r = asyncio.run(load_level(url, names, texts, level, args.seconds))
-                print(f"{r['concurrency']:>11} {r['requests']:>9} {r['rps']:>8.1f} {r['p50']:>8.1f} {r['p95']:>8.1f} "
-                      f"{r['p99']:>8.1f} {r['errors']:>7} {r['texts_per_batch']:>12.1f}", flush=True)
-        except BaseException:
-            log.seek(0)
-            print("server log (last lines):\n" + "".join(log.readlines()[-20:]), file=sys.stderr)
-            raise
-        finally:  # always stop the server
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
+    t0 = time.perf_counter()
+    with running_server(args.run, limits, args.threads, args.startup_timeout) as (url, names, _):
+        print(f"server ready in {time.perf_counter() - t0:.1f} s: {', '.join(names)} "
+              f"({len(texts)} Banking77 test texts, 1 text per request, {args.seconds:g} s per level)")
+        asyncio.run(load_level(url, names, texts, 1, min(1.0, args.seconds)))  # warm-up, not reported
+        print(f"\n{'concurrency':>11} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+              f"{'errors':>7} {'texts/batch':>12}")
+        for level in levels:
+            r = asyncio.run(load_level(url, names, texts, level, args.seconds))
+            print(f"{r['concurrency']:>11} {r['requests']:>9} {r['rps']:>8.1f} {r['p50']:>8.1f} {r['p95']:>8.1f} "
+                  f"{r['p99']:>8.1f} {r['errors']:>7} {r['texts_per_batch']:>12.1f}", flush=True)
     return 0
 
 

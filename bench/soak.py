@@ -17,15 +17,13 @@ import argparse
 import asyncio
 import json
 import random
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
-from serve import HOST, free_port, percentile, read_texts, wait_ready, write_config
+from serve import percentile, read_texts, running_server
 
 LIMITS = {"max_texts_per_request": 16, "max_chars_per_text": 1000, "max_body_bytes": 100_000}
 
@@ -125,35 +123,13 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
     args = ap.parse_args()
     texts = read_texts()
-    port = free_port()
-    url = f"http://{HOST}:{port}"
-    with tempfile.TemporaryDirectory(prefix="peftlab-soak-") as tmp:
-        config, names = write_config(args.run, Path(tmp), LIMITS)
-        cmd = [sys.executable, "-m", "peftlab.cli", "serve", str(config), "--host", HOST, "--port", str(port)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        log = open(Path(tmp) / "server.log", "w+")  # noqa: SIM115 - read back on failure
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(proc, url, 300)
-            with httpx.Client(base_url=url, trust_env=False) as c:  # warm-up: first calls allocate buffers
-                for i in range(20):
-                    c.post("/v1/classify", json={"texts": texts[i * 8:(i + 1) * 8], "adapter": names[i % len(names)]})
-            print(f"soak: {', '.join(names)}; {args.concurrency} clients for {args.seconds:g} s, "
-                  f"{100 * args.bad_fraction:.0f}% malformed requests", flush=True)
-            r = asyncio.run(soak(url, names, texts, proc.pid, args))
-        except BaseException:
-            log.seek(0)
-            print("server log (last lines):\n" + "".join(log.readlines()[-20:]), file=sys.stderr)
-            raise
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
+    with running_server(args.run, LIMITS, args.threads) as (url, names, proc):
+        with httpx.Client(base_url=url, trust_env=False) as c:  # warm-up: first calls allocate buffers
+            for i in range(20):
+                c.post("/v1/classify", json={"texts": texts[i * 8:(i + 1) * 8], "adapter": names[i % len(names)]})
+        print(f"soak: {', '.join(names)}; {args.concurrency} clients for {args.seconds:g} s, "
+              f"{100 * args.bad_fraction:.0f}% malformed requests", flush=True)
+        r = asyncio.run(soak(url, names, texts, proc.pid, args))
     print(f"requests {r['requests']} in {r['seconds']} s ({r['requests_per_second']} req/s), "
           f"{r['texts_classified']} texts in {r['model_calls']} model calls")
     print("answers by class: " + ", ".join(f"{k} {v}" for k, v in r["by_class"].items()))
