@@ -20,8 +20,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from . import config as config_mod
 from .comparison import _row, write
 from .config import METHODS, Config
@@ -104,18 +102,6 @@ def _list(raw: dict, key: str, kind, default, problems: list[str]) -> list:
     return value
 
 
-def _read(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{what} '{path}' not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{what} '{path}' must be a mapping of keys")
-    return raw
-
-
 def _mapping(raw: dict, key: str, default: dict, problems: list[str]) -> dict:
     value = raw.get(key) or default
     if not isinstance(value, dict):
@@ -128,7 +114,7 @@ def load(source: str | Path | dict, overrides: list[str] | None = None, data_dir
          output_dir: str | None = None) -> Plan:
     """Read and validate a compare config (a YAML path or a dict); every cell's Config is built here."""
     path = None if isinstance(source, dict) else Path(source)
-    raw = source if path is None else _read(path, "compare config")
+    raw = source if path is None else config_mod.read_yaml(path, "compare config")
     problems: list[str] = []
     for key in raw:
         if key not in KEYS:
@@ -141,7 +127,7 @@ def load(source: str | Path | dict, overrides: list[str] | None = None, data_dir
     base = raw.get("base", {})
     if isinstance(base, str):  # a train config file: beside the compare file, else from the working directory
         beside = (path.parent if path else Path()) / base
-        base = _read(beside if beside.is_file() else Path(base), "base: train config")
+        base = config_mod.read_yaml(beside if beside.is_file() else Path(base), "base: train config")
     if not isinstance(base, dict):
         problems.append(f"base: expected a train config (mapping) or the path of one, got {base!r}")
         base = {}

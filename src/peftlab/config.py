@@ -344,19 +344,24 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
+def read_yaml(path: Path, what: str, shape: str = "a mapping of keys") -> dict:
+    """A YAML mapping from ``path``; a missing file, bad YAML or another shape is a one-line ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} '{path}' must hold {shape}")
+    return raw
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (optional) and apply ``key=value`` overrides; raise ConfigError on any problem."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{p}' must hold a mapping of sections (model, data, adapter, train)")
+        data = read_yaml(Path(path), "config file", "a mapping of sections (model, data, adapter, train)")
         data.pop(RUN_RECORD_KEY, None)  # a run folder's config.yaml re-runs as is
     return from_dict(_merge(data, parse_overrides(overrides or [])))
 
