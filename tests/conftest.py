@@ -74,3 +74,16 @@ def tiny_overrides(model: Path, data: dict[str, Path], out: Path, method: str, *
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def lora_pair(tmp_path_factory, tiny_model, small_data) -> Path:
+    """Two finished LoRA runs of the tiny BERT, ``alpha`` and ``beta``, that differ by seed: two
+    different adapters on one backbone (the serving, fuzzing and soak tests share them; read-only)."""
+    from peftlab import cli
+
+    out = tmp_path_factory.mktemp("lora-pair")
+    for seed, name in enumerate(("alpha", "beta")):
+        over = tiny_overrides(tiny_model, small_data, out, "lora", run_name=name, **{"train.epochs": 1, "train.seed": seed})
+        assert cli.main(["train", *over]) == 0
+    return out

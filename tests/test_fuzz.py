@@ -5,23 +5,18 @@ the schema it publishes."""
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_overrides
 
 schemathesis = pytest.importorskip("schemathesis")
 pytest.importorskip("fastapi")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from peftlab import cli  # noqa: E402
 from peftlab.serve import ServeLimits, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_model, small_data):
-    out = tmp_path_factory.mktemp("fuzz-runs")
-    for seed, name in enumerate(("alpha", "beta")):
-        over = tiny_overrides(tiny_model, small_data, out, "lora", run_name=name, **{"train.epochs": 1, "train.seed": seed})
-        assert cli.main(["train", *over]) == 0
+def app(lora_pair):
+    out = lora_pair
     return create_app({"alpha": out / "alpha", "beta": out / "beta"},
                       # The body limit is not in the schema, and schemathesis does not count 413 as a rejection:
                       # keep it out of reach (tests/test_bad_input.py covers it).

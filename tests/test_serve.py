@@ -7,7 +7,7 @@ import logging
 import shutil
 
 import pytest
-from conftest import REPO, tiny_overrides
+from conftest import REPO
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -24,14 +24,8 @@ LIMITS = ServeLimits(max_texts_per_request=8, max_chars_per_text=300, max_body_b
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model, small_data):
-    """Two LoRA runs of the tiny BERT that differ by seed: two different adapters on one backbone."""
-    out = tmp_path_factory.mktemp("serve-runs")
-    for seed, name in enumerate(NAMES):
-        over = tiny_overrides(tiny_model, small_data, out, "lora", **{"train.epochs": 1, "train.seed": seed,
-                                                                      "run_name": name})
-        assert cli.main(["train", *over]) == 0
-    return out
+def runs(lora_pair):
+    return lora_pair
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, tiny_overrides
-
-from peftlab import cli
+from conftest import REPO
 
 pytest.importorskip("uvicorn")
 
 
-def test_short_soak_has_no_server_errors(tmp_path, tiny_model, small_data):
-    for seed, name in enumerate(("alpha", "beta")):
-        over = tiny_overrides(tiny_model, small_data, tmp_path, "lora", run_name=name, **{"train.epochs": 1, "train.seed": seed})
-        assert cli.main(["train", *over]) == 0
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "soak.py"), "--run", str(tmp_path / "alpha"),
-                        "--run", str(tmp_path / "beta"), "--seconds", "10", "--concurrency", "8",
+def test_short_soak_has_no_server_errors(lora_pair):
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "soak.py"), "--run", str(lora_pair / "alpha"),
+                        "--run", str(lora_pair / "beta"), "--seconds", "10", "--concurrency", "8",
                         "--sample-seconds", "2", "--bad-fraction", "0.3", "--json"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr

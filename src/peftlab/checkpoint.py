@@ -102,7 +102,10 @@ def load(ckpt_dir: Path) -> State | None:
 def clean_partial(ckpt_dir: Path) -> None:
     """Remove what a kill left mid-write: temporary state folders and checkpoint files."""
     for tmp in Path(ckpt_dir).glob(".*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

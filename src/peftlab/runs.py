@@ -72,6 +72,11 @@ def append_jsonl(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Replace a JSONL file atomically (the same line format as append_jsonl)."""
+    write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not Path(path).is_file():
         return []

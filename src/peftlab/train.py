@@ -23,7 +23,7 @@ from .batching import TrainSet
 from .config import TrainConfig
 from .evaluate import metrics, predict_logits
 from .modeling import trainable_state
-from .runs import METRICS, append_jsonl, read_jsonl, write_bytes, write_json, write_text
+from .runs import METRICS, append_jsonl, read_jsonl, write_bytes, write_json, write_jsonl
 
 log = logging.getLogger("peftlab")
 
@@ -243,8 +243,7 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
         start = time.perf_counter() - meta["train_seconds"]
         sampler.generator.set_state(state.tensors["rng.order"])
         if accelerator.is_main_process:  # evaluations after the state are replayed: drop their lines
-            write_text(metrics_file, "".join(json.dumps(r, default=str) + "\n" for r in read_jsonl(metrics_file)
-                                             if r["step"] <= result.global_step))
+            write_jsonl(metrics_file, [r for r in read_jsonl(metrics_file) if r["step"] <= result.global_step])
         return meta["epoch"], meta["batches_done"]
 
     def restore_rng(state: checkpoint.State) -> None:
