@@ -22,8 +22,9 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
-def make_tiny_model(folder: Path, model_type: str = "bert", with_pooler: bool = True) -> Path:
-    """A 2-layer, hidden-32 encoder of the given architecture, saved as safetensors, with MiniLM's tokenizer."""
+def make_tiny_model(folder: Path, model_type: str = "bert", with_pooler: bool = True, **config) -> Path:
+    """A 2-layer, hidden-32 encoder of the given architecture, saved as safetensors, with MiniLM's tokenizer
+    (``config``: more config keys, e.g. dropout probabilities)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -35,7 +36,7 @@ def make_tiny_model(folder: Path, model_type: str = "bert", with_pooler: bool = 
               intermediate_size=64, max_position_embeddings=128)
     if model_type == "distilbert":
         kw = dict(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128)
-    cfg = AutoConfig.for_model(model_type, **kw)
+    cfg = AutoConfig.for_model(model_type, **kw, **config)
     model = AutoModel.from_config(cfg, **({"add_pooling_layer": with_pooler} if model_type == "bert" else {}))
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)

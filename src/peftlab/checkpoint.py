@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import RunError
-from .runs import write_bytes, write_json
+from .runs import write_json, write_safetensors
 
 POINTER = "latest.json"
 
@@ -61,14 +61,12 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def save(ckpt_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write one complete state and point ``latest.json`` at it; return its folder."""
-    from safetensors.torch import save as to_bytes
-
     ckpt_dir = Path(ckpt_dir)
     name = f"state-{step}"
     tmp = ckpt_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_bytes(tmp / "tensors.safetensors", to_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    write_safetensors(tmp / "tensors.safetensors", {k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     write_json(tmp / "state.json", meta)
     final = ckpt_dir / name
     shutil.rmtree(final, ignore_errors=True)

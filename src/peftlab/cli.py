@@ -45,6 +45,10 @@ def cmd_train(args) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     cfg = config_mod.load(cfg_file, overrides)
     run = train(cfg, resume=True if args.resume else False if args.restart else None)
+    from .train import process_state
+
+    if not process_state().is_main_process:
+        return 0  # under accelerate launch / torchrun: one summary, from the main process
     s = read_summary(run)
     print(f"test accuracy {100 * s['test_accuracy']:.2f}%  macro-F1 {100 * s['test_f1']:.2f}%  "
           f"trainable {s['parameters']}  train {s['train_seconds'] / 60:.1f} min")

@@ -213,6 +213,7 @@ def adalora_effective_parameters(model, ranks: dict[str, int]) -> int:
     return total
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Tensors that training changes (the checkpoint content; frozen weights never change)."""
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: nn.Module, copy: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors that training changes (the checkpoint content; frozen weights never change). ``copy=False``
+    for writing them out at once: CPU tensors are then the parameters themselves, no second copy."""
+    return {n: p.detach().to("cpu", copy=copy).contiguous() for n, p in model.named_parameters() if p.requires_grad}

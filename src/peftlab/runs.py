@@ -38,22 +38,41 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file, fsync and rename, so a crash never leaves half a file."""
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """A temporary file beside ``path`` to write; on success it is fsynced and renamed over ``path``, so a
+    crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp creates the file 0600; give it the mode a plain open() would (reports are shared).
         os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        os.close(fd)
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_safetensors(path: Path, tensors: dict) -> None:
+    """Tensors to a safetensors file, atomically. safetensors writes from the tensors' own memory: no
+    serialised copy of the whole file is held (full fine-tuning's checkpoints are ~90 MB)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -23,7 +23,7 @@ from .batching import TrainSet
 from .config import TrainConfig
 from .evaluate import metrics, predict_logits
 from .modeling import trainable_state
-from .runs import METRICS, append_jsonl, read_jsonl, write_bytes, write_json, write_jsonl
+from .runs import METRICS, append_jsonl, read_jsonl, write_json, write_jsonl, write_safetensors
 
 log = logging.getLogger("peftlab")
 
@@ -32,12 +32,44 @@ log = logging.getLogger("peftlab")
 FINAL_EPOCH_LR_FRACTION = 0.1
 
 
-def optimizer_steps(n_train: int, cfg: TrainConfig, num_processes: int = 1) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps) — AdaLoRA's total_step counts these."""
-    batches = math.ceil(n_train / (cfg.batch_size * num_processes))
+def optimizer_steps(n_train: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) — AdaLoRA's total_step counts these.
+    ``batch_size`` is the global batch: the same whatever the number of processes."""
+    batches = math.ceil(n_train / cfg.batch_size)
     per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
     total = per_epoch * cfg.epochs
     return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "accelerator") and torch.accelerator.is_available())
+
+
+def process_state(cfg: TrainConfig | None = None):
+    """Accelerate's process state (rank, number of processes), created once, before any Accelerator;
+    with ``cfg``, also checks that its global batch divides among the processes.
+
+    Without a GPU, Accelerate treats processes started by torchrun as one process each unless told that
+    CPU processes are meant (``cpu=True``): then it joins them with gloo. ``accelerate launch`` without
+    ``--multi_gpu`` runs a single process however many were asked for; that is refused here rather than
+    silently training one process's share.
+    """
+    import os
+
+    from accelerate import PartialState
+
+    from .errors import ConfigError
+
+    distributed_env = ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+    if "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ \
+            and not any(k in os.environ for k in distributed_env):
+        raise ConfigError("accelerate launch started one process, not the several asked for: add --multi_gpu "
+                          "(it starts them through torchrun; without GPUs peftlab joins them with gloo on CPU)")
+    state = PartialState(cpu=not _has_accelerator())
+    if cfg is not None and cfg.batch_size % state.num_processes:
+        raise ConfigError(f"train.batch_size={cfg.batch_size} is the global batch and must divide evenly among "
+                          f"{state.num_processes} processes: use a multiple of {state.num_processes}")
+    return state
 
 
 @dataclass
@@ -69,7 +101,7 @@ class FitResult:
 
 
 def _accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
 
     precision = cfg.precision
     if precision == "auto":
@@ -80,7 +112,11 @@ def _accelerator(cfg: TrainConfig):
         from .errors import ConfigError
 
         raise ConfigError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    process_state(cfg)
+    # split_batches: the loader yields global batches and each process takes its slice, so a step sees the
+    # same examples as one process would: results do not depend on the number of processes.
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                       cpu=not _has_accelerator(), dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def _param_groups(model, lr: float, head_lr: float, weight_decay: float, head_modules: list[str]):
@@ -94,6 +130,22 @@ def _param_groups(model, lr: float, head_lr: float, weight_decay: float, head_mo
         groups.setdefault((is_head, no_decay), []).append(p)
     return [{"params": ps, "lr": head_lr if is_head else lr, "weight_decay": 0.0 if nd else weight_decay}
             for (is_head, nd), ps in groups.items()]
+
+
+def _predict_sharded(accelerator, model, ids: list[list[int]], pad_id: int, batch_size: int):
+    """Logits of all ``ids`` on every process, each process computing an interleaved share."""
+    if accelerator.num_processes == 1:
+        return predict_logits(model, ids, pad_id, batch_size, accelerator.device)
+    import numpy as np
+    from accelerate.utils import gather_object
+
+    # Interleaved over lengths, so every share has the same mix of short and long texts.
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))[accelerator.process_index::accelerator.num_processes]
+    part = predict_logits(model, [ids[i] for i in order], pad_id, batch_size, accelerator.device)
+    out = np.zeros((len(ids), part.shape[1]), dtype=part.dtype)
+    for idx, logits in gather_object([(order, part)]):
+        out[idx] = logits
+    return out
 
 
 def _better(metric: str, a: float, b: float | None) -> bool:
@@ -112,7 +164,6 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
     """
     from accelerate.utils import set_seed
     from safetensors.torch import load_file
-    from safetensors.torch import save as safetensors_bytes
     from tqdm.auto import tqdm
     from transformers import get_scheduler
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -124,7 +175,7 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
                                    generator=torch.Generator().manual_seed(cfg.seed))
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
                                          collate_fn=train_set.collate)
-    per_epoch, total_steps = optimizer_steps(len(train_set), cfg, accelerator.num_processes)
+    per_epoch, total_steps = optimizer_steps(len(train_set), cfg)
     optimizer = torch.optim.AdamW(_param_groups(model, lr, cfg.head_learning_rate or lr, cfg.weight_decay,
                                                 head_modules), lr=lr)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
@@ -155,10 +206,13 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
     def evaluate_now(epoch: float) -> bool:
         """Validate, log, keep the checkpoint if among the best; return True to stop early."""
         nonlocal running_loss, running_n, evals_without_gain
-        logits = predict_logits(plain, val_ids, pad_id, cfg.eval_batch_size, accelerator.device)
+        logits = _predict_sharded(accelerator, plain, val_ids, pad_id, cfg.eval_batch_size)
         m = metrics(logits, val_labels)
+        train_loss = running_loss / max(running_n, 1)
+        if accelerator.num_processes > 1:  # each process saw its slice of every batch
+            train_loss = accelerator.reduce(torch.tensor(train_loss, device=accelerator.device), "mean").item()
         record = {"step": result.global_step, "epoch": round(epoch, 3),
-                  "train_loss": running_loss / max(running_n, 1), "eval_loss": m["loss"],
+                  "train_loss": train_loss, "eval_loss": m["loss"],
                   "eval_accuracy": m["accuracy"], "eval_f1": m["f1"], "learning_rate": scheduler.get_last_lr()[0],
                   "elapsed_seconds": round(time.perf_counter() - start, 2)}
         running_loss, running_n = 0.0, 0
@@ -181,7 +235,7 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
         if worst is None or _better(cfg.metric_for_best, score, worst):
             path = ckpt_dir / f"step-{result.global_step}.safetensors"
             if accelerator.is_main_process:
-                write_bytes(path, safetensors_bytes(trainable_state(plain)))
+                write_safetensors(path, trainable_state(plain, copy=False))
                 if adalora is not None:  # the mask lives in lora_E, the pattern in the config: keep both
                     write_json(path.with_suffix(".rank_pattern.json"), plain.peft_config["default"].rank_pattern)
             kept.append((score, result.global_step, path))
@@ -194,7 +248,7 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
         """Everything needed to continue after ``batches_done`` batches of ``epoch`` (see checkpoint.py)."""
         if not accelerator.is_main_process:
             return
-        tensors = {f"param.{n}": t for n, t in trainable_state(plain).items()}
+        tensors = {f"param.{n}": t for n, t in trainable_state(plain, copy=False).items()}
         opt_tensors, opt_meta = checkpoint.optimizer_to_flat(optimizer.state_dict())
         tensors.update({f"optim.{k}": t for k, t in opt_tensors.items()})
         tensors["rng.torch"] = torch.get_rng_state()

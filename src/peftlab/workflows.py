@@ -19,7 +19,7 @@ from . import data as data_mod
 from .batching import TrainSet, encode
 from .config import Config
 from .data import LabelMap
-from .errors import DataError, RunError
+from .errors import DataError, PeftlabError, RunError
 from .runs import CONFIG, LABELS, SUMMARY, new_run_dir, open_run, read_jsonl, versions, write_json, write_text
 
 log = logging.getLogger("peftlab")
@@ -44,29 +44,39 @@ def train(cfg: Config, progress: bool = True, resume: bool | None = None) -> Pat
     from . import modeling, tracking
     from .evaluate import metrics, predict_logits
     from .report import write_report
-    from .train import AdaLoraSchedule, fit, optimizer_steps
+    from .train import AdaLoraSchedule, fit, optimizer_steps, process_state
 
     wall_start = time.perf_counter()
     tracking.check(cfg.train.report_to)  # a missing tracker library fails before any work
     modeling.check_backbone(cfg.model)  # so does a model folder peftlab will not load
+    procs = process_state(cfg.train)  # and a launch that would not train as asked
+    is_main, num_processes = procs.is_main_process, procs.num_processes
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     # Data first: AdaLoRA's total_step depends on the number of training examples.
     splits = data_mod.load(cfg.data, cfg.train.seed)
     for note in splits.notes:
         log.warning(note)
-    from accelerate import PartialState
-
-    num_processes = PartialState().num_processes
-    _per_epoch, total_steps = optimizer_steps(len(splits.train), cfg.train, num_processes)
+    _per_epoch, total_steps = optimizer_steps(len(splits.train), cfg.train)
     schedule = None
     if cfg.adapter.method == "adalora":
         schedule = config_mod.check_adalora_schedule(cfg.adapter, total_steps)
     state = _resume_state(cfg, resume)
-    run_dir = new_run_dir(cfg.output_dir, cfg.run_name, splits.name, cfg.adapter.method, resume=state is not None)
+    outcome: Path | PeftlabError | None = None
+    if is_main:
+        try:
+            outcome = new_run_dir(cfg.output_dir, cfg.run_name, splits.name, cfg.adapter.method, resume=state is not None)
+        except PeftlabError as e:
+            outcome = e
+    if num_processes > 1:  # one folder for all: the main process names it (a default name has the time)
+        from accelerate.utils import broadcast_object_list
+
+        outcome = broadcast_object_list([outcome])[0]
+    if isinstance(outcome, PeftlabError):
+        raise outcome  # on every process, so none waits for the others
+    run_dir = outcome
     set_seed(cfg.train.seed)
     model, tokenizer, details = modeling.build(cfg.model, cfg.adapter, splits.labels.id2label, total_steps, schedule)
-    is_main = PartialState().is_main_process
     resolved = config_mod.to_dict(cfg)
     resolved["train"]["learning_rate"] = cfg.learning_rate
     if cfg.model.name != modeling.DEFAULT_MODEL_NAME:  # a relative folder would break reloads from elsewhere
@@ -151,6 +161,7 @@ def train(cfg: Config, progress: bool = True, resume: bool | None = None) -> Pat
             _remove_checkpoints(run_dir)
             tracker.log_final(summary, result.global_step)
             write_json(run_dir / SUMMARY, summary)  # last: marks the run complete
+    procs.wait_for_everyone()  # the other processes return once the run folder is complete
     return run_dir
 
 
