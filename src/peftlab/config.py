@@ -96,7 +96,7 @@ class AdapterConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _help(5, "Training epochs.")
-    batch_size: int = _help(32, "Examples per optimizer step on each process (before accumulation).")
+    batch_size: int = _help(32, "Examples per optimizer step, all processes together (before accumulation).")
     eval_batch_size: int = _help(128, "Examples per evaluation batch.")
     learning_rate: float | None = _help(
         None, "Peak learning rate. Default per method: full 1e-4, lora/dora/adalora 5e-3."
