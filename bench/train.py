@@ -50,6 +50,20 @@ def forward_flops(lengths, layers: int, hidden: int, ffn: int) -> float:
     return float(sum(layers * (2 * n * (4 * hidden**2 + 2 * hidden * ffn) + 4 * n * n * hidden) for n in lengths))
 
 
+def padding_share(lengths: list[int], batch_size: int, grouped: bool, seed: int = 0) -> float:
+    """Share of padding among the tokens of one epoch's batches, each padded to its longest text: random
+    batches (the Trainer's default sampler) or transformers' LengthGroupedSampler (peftlab's)."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    g = torch.Generator().manual_seed(seed)
+    order = (list(LengthGroupedSampler(batch_size, lengths=lengths, generator=g)) if grouped
+             else torch.randperm(len(lengths), generator=g).tolist())
+    padded = sum(len(b) * max(lengths[i] for i in b)
+                 for b in (order[k:k + batch_size] for k in range(0, len(order), batch_size)))
+    return 1 - sum(lengths) / padded
+
+
 def matmul_gflops(seconds: float = 2.0) -> float:
     """This machine's fp32 matrix-product rate at encoder shapes (tokens x hidden @ hidden x 4 hidden)."""
     import torch
@@ -218,6 +232,9 @@ def cmd_methods(args) -> None:
           f"{len(train_len)} train / {len(val_len)} validation / {len(test_len)} test texts, "
           f"mean {statistics.mean(train_len):.1f} tokens; batch {args.batch_size}, eval batch {args.eval_batch_size}, "
           f"{args.epochs} epoch(s)", flush=True)
+    print(f"padding, share of the training tokens computed: random batches of {args.batch_size} (the plain "
+          f"recipe) {100 * padding_share(train_len, args.batch_size, grouped=False):.0f} %, length-grouped "
+          f"(peftlab) {100 * padding_share(train_len, args.batch_size, grouped=True):.0f} %", flush=True)
     f_train, f_val, f_test = (forward_flops(x, layers, hidden, ffn) for x in (train_len, val_len, test_len))
     rows = []
     for method in args.methods.split(","):

@@ -140,12 +140,16 @@ def _predict_sharded(accelerator, model, ids: list[list[int]], pad_id: int, batc
     from accelerate.utils import gather_object
 
     # Interleaved over lengths, so every share has the same mix of short and long texts.
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))[accelerator.process_index::accelerator.num_processes]
+    order = sorted(range(len(ids)), key=_lengths(ids).__getitem__)[accelerator.process_index::accelerator.num_processes]
     part = predict_logits(model, [ids[i] for i in order], pad_id, batch_size, accelerator.device)
     out = np.zeros((len(ids), part.shape[1]), dtype=part.dtype)
     for idx, logits in gather_object([(order, part)]):
         out[idx] = logits
     return out
+
+
+def _lengths(ids) -> list[int]:
+    return ids.lengths().tolist() if hasattr(ids, "lengths") else [len(x) for x in ids]
 
 
 def _better(metric: str, a: float, b: float | None) -> bool:
@@ -170,7 +174,7 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
 
     accelerator = _accelerator(cfg)
     set_seed(cfg.seed)
-    lengths = [len(x) for x in train_set.input_ids]
+    lengths = _lengths(train_set.input_ids)
     sampler = LengthGroupedSampler(cfg.batch_size, lengths=lengths,
                                    generator=torch.Generator().manual_seed(cfg.seed))
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
@@ -402,7 +406,7 @@ def fit(model, train_set: TrainSet, val_ids: list[list[int]], val_labels: list[i
             g["lr"] = lr * FINAL_EPOCH_LR_FRACTION
         extra_loader = accelerator.prepare(torch.utils.data.DataLoader(
             extra_set, batch_size=cfg.batch_size, sampler=LengthGroupedSampler(
-                cfg.batch_size, lengths=[len(x) for x in extra_set.input_ids],
+                cfg.batch_size, lengths=_lengths(extra_set.input_ids),
                 generator=torch.Generator().manual_seed(cfg.seed + 1)), collate_fn=extra_set.collate))
         t0 = time.perf_counter()
         train_epoch(extra_loader, "final epoch on train+validation", cfg.epochs, schedule=False)
