@@ -84,7 +84,8 @@ def _splits_and_config(args):
     import peftlab
 
     overrides = [f"data.data_dir={args.data_dir}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
-                 f"train.eval_batch_size={args.eval_batch_size}", f"output_dir={args.output_dir}"]
+                 f"train.eval_batch_size={args.eval_batch_size}", f"output_dir={args.output_dir}",
+                 f"train.seed={args.seed}", f"train.precision={getattr(args, 'precision', None) or 'fp32'}"]
     if args.train_file:
         overrides += [f"data.train_file={args.train_file}", f"data.test_file={args.test_file}", "data.dataset=null"]
     if args.max_train_examples:
@@ -183,9 +184,12 @@ def child(args) -> None:
 
 
 def measure(impl: str, method: str, args, **extra) -> dict:
-    """Run one measurement in a fresh process; return its RESULT line."""
+    """Run one measurement in a fresh process; return its RESULT line. ``impl`` "peftlab-bf16" is peftlab
+    with train.precision=bf16 (autocast)."""
+    precision = "bf16" if impl.endswith("-bf16") else "fp32"
     with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as out:
-        cmd = [sys.executable, __file__, "_child", "--impl", impl, "--method", method, "--output-dir", out,
+        cmd = [sys.executable, __file__, "_child", "--impl", impl.removesuffix("-bf16"), "--method", method,
+               "--output-dir", out, "--precision", precision, "--seed", str(extra.get("seed", args.seed)),
                "--data-dir", args.data_dir, "--epochs", str(extra.get("epochs", args.epochs)),
                "--batch-size", str(args.batch_size), "--eval-batch-size", str(args.eval_batch_size)]
         for key in ("max_train_examples", "max_test_examples", "train_file", "test_file"):
@@ -238,12 +242,13 @@ def cmd_methods(args) -> None:
     f_train, f_val, f_test = (forward_flops(x, layers, hidden, ffn) for x in (train_len, val_len, test_len))
     rows = []
     for method in args.methods.split(","):
-        results: dict[str, list[dict]] = {"plain": [], "peftlab": []}
-        for rep in range(args.repeats):
-            for impl in (("plain", "peftlab") if rep % 2 == 0 else ("peftlab", "plain")):
-                r = measure(impl, method, args)
+        impls = ("plain", "peftlab", "peftlab-bf16") if args.with_bf16 else ("plain", "peftlab")
+        results: dict[str, list[dict]] = {impl: [] for impl in impls}
+        for rep in range(args.repeats):  # repeat k uses seed + k (same splits for every contender)
+            for impl in (impls if rep % 2 == 0 else impls[::-1]):
+                r = measure(impl, method, args, seed=args.seed + rep)
                 results[impl].append(r)
-                print(f"  {method:8s} {impl:8s} train {r['train_examples'] / r['train_seconds']:7.1f}/s  "
+                print(f"  {method:8s} {impl:12s} seed {args.seed + rep}  train {r['train_examples'] / r['train_seconds']:7.1f}/s  "
                       f"eval {r['eval_samples_per_second']:7.1f}/s  peak {r['peak_rss_mb']:6.0f} MB  "
                       f"accuracy {100 * r['accuracy']:.2f}%", flush=True)
         mult = 3 if method == "full" else 2
@@ -315,7 +320,10 @@ def main(argv=None) -> None:
     p.add_argument("--data-dir", default=os.environ.get("PEFTLAB_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="repeat k uses seed + k; medians of speed, mean accuracy")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--with-bf16", action="store_true", help="also peftlab with train.precision=bf16 (numerics change)")
+    p.add_argument("--precision", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=16, help="both runners (the plain recipe's 16)")
     p.add_argument("--eval-batch-size", type=int, default=64, help="both runners (the plain recipe's 64)")
     p.add_argument("--max-train-examples", type=int, help="a stratified subset, for a quick look")

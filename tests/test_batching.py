@@ -14,7 +14,7 @@ def test_tokens_behave_like_lists():
     rows = [[101, 7, 8, 102], [101, 102], [101, 5, 102]]
     t = Tokens.from_lists(rows)
     assert len(t) == 3 and [list(x) for x in t] == rows and t.lengths().tolist() == [4, 2, 3]
-    joined = t + [[1, 2]]
+    joined = t + [[1, 2]]  # noqa: RUF005 (Tokens.__add__ under test)
     assert [list(x) for x in joined] == [*rows, [1, 2]]
     assert [list(x) for x in Tokens.concat([t, t])] == rows + rows
     assert t.flat.dtype == np.int32 and t.flat.nbytes == 4 * 9  # 4 bytes a token

@@ -121,6 +121,9 @@ class TrainConfig:
     )
     seed: int = _help(42, "Seed for splits, initialisation and data order.")
     num_threads: int = _help(0, "CPU threads for torch; 0 keeps torch's choice.")
+    fast_dropout: bool = _help(
+        True, "Draw dropout masks with torch.rand instead of bernoulli_ (about 10 % faster training on CPU; the "
+        "same distribution, another random stream). false: nn.Dropout's own masks.")
     max_steps: int | None = _help(None, "Stop after this many optimizer steps (smoke tests).")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list, metadata={
         "help": "Experiment trackers that receive each evaluation, the test metrics and the hyperparameters: "
