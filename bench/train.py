@@ -87,7 +87,8 @@ def _splits_and_config(args):
                  f"train.eval_batch_size={args.eval_batch_size}", f"output_dir={args.output_dir}",
                  f"train.seed={args.seed}", f"train.precision={getattr(args, 'precision', None) or 'fp32'}"]
     if args.train_file:
-        overrides += [f"data.train_file={args.train_file}", f"data.test_file={args.test_file}", "data.dataset=null"]
+        overrides += [f"data.train_file={args.train_file}", f"data.test_file={args.test_file}", "data.dataset=null",
+                      f"data.validation_file={args.validation_file}"]
     if args.max_train_examples:
         overrides.append(f"data.max_train_examples={args.max_train_examples}")
     if args.max_test_examples:
@@ -192,7 +193,7 @@ def measure(impl: str, method: str, args, **extra) -> dict:
                "--output-dir", out, "--precision", precision, "--seed", str(extra.get("seed", args.seed)),
                "--data-dir", args.data_dir, "--epochs", str(extra.get("epochs", args.epochs)),
                "--batch-size", str(args.batch_size), "--eval-batch-size", str(args.eval_batch_size)]
-        for key in ("max_train_examples", "max_test_examples", "train_file", "test_file"):
+        for key in ("max_train_examples", "max_test_examples", "train_file", "validation_file", "test_file"):
             value = extra.get(key, getattr(args, key, None))
             if value:
                 cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -213,6 +214,7 @@ def _lengths(args, method: str = "lora", **extra):
 
     ns = argparse.Namespace(**{**vars(args), "method": method, "output_dir": "unused", **extra})
     ns.train_file, ns.test_file = extra.get("train_file"), extra.get("test_file")
+    ns.validation_file = extra.get("validation_file")
     cfg, splits = _splits_and_config(ns)
     tok = AutoTokenizer.from_pretrained(modeling.resolve_backbone(cfg.model.name))
     enc = lambda f: [len(x) for x in tok(list(f.text), truncation=True, max_length=cfg.model.max_length_tokens)["input_ids"]]  # noqa: E731
@@ -274,8 +276,9 @@ def cmd_methods(args) -> None:
     print(f"\nGFLOP/s count real tokens only (module docstring); this machine's fp32 matmul: {peak:.0f} GFLOP/s.")
 
 
-def _resampled(data_dir: str, dataset: str, size: int, folder: Path, seed: int = 0) -> tuple[str, str]:
-    """A training file of ``size`` rows drawn with replacement, and a 500-row test file, from ``dataset``."""
+def _resampled(data_dir: str, dataset: str, size: int, folder: Path, seed: int = 0) -> tuple[str, str, str]:
+    """A training file of exactly ``size`` rows drawn with replacement, and 200-row validation and 500-row
+    test files (the same for every size, held out from the rows the training file is drawn from)."""
     import pandas as pd
 
     src = Path(data_dir) / dataset
@@ -288,11 +291,13 @@ def _resampled(data_dir: str, dataset: str, size: int, folder: Path, seed: int =
                               "label": frame.iloc[:, 0].astype(str)})
         test = frame.sample(n=500, random_state=seed)
         train = frame.drop(test.index)
-    train = train.sample(n=size, replace=True, random_state=seed)
-    tr, te = folder / f"{dataset}-{size}-train.csv", folder / f"{dataset}-test.csv"
+    validation = train.sample(n=200, random_state=seed)
+    train = train.drop(validation.index).sample(n=size, replace=True, random_state=seed)
+    tr, va, te = (folder / f"{dataset}-{name}.csv" for name in (f"{size}-train", "validation", "test"))
     train[["text", "label"]].to_csv(tr, index=False)
+    validation[["text", "label"]].to_csv(va, index=False)
     test[["text", "label"]].sample(n=min(500, len(test)), random_state=seed).to_csv(te, index=False)
-    return str(tr), str(te)
+    return str(tr), str(va), str(te)
 
 
 def cmd_scaling(args) -> None:
@@ -300,9 +305,10 @@ def cmd_scaling(args) -> None:
     with tempfile.TemporaryDirectory(prefix="peftlab-scaling-") as tmp:
         for dataset in args.datasets.split(","):
             for size in map(int, args.sizes.split(",")):
-                train_file, test_file = _resampled(args.data_dir, dataset, size, Path(tmp))
-                lengths = _lengths(args, train_file=train_file, test_file=test_file)[0]
-                r = measure("peftlab", "lora", args, epochs=1, train_file=train_file, test_file=test_file)
+                files = dict(zip(("train_file", "validation_file", "test_file"),
+                                 _resampled(args.data_dir, dataset, size, Path(tmp)), strict=True))
+                lengths = _lengths(args, **files)[0]
+                r = measure("peftlab", "lora", args, epochs=1, **files)
                 row = {"dataset": dataset, "rows": r["train_examples"], "tokens": statistics.mean(lengths),
                        "per_1k": 1000 * r["train_seconds"] / r["train_examples"],
                        "tokens_s": sum(lengths) / r["train_seconds"], "peak": r["peak_rss_mb"]}
@@ -335,6 +341,7 @@ def main(argv=None) -> None:
     p.add_argument("--output-dir", help=argparse.SUPPRESS)
     p.add_argument("--train-file", help=argparse.SUPPRESS)
     p.add_argument("--test-file", help=argparse.SUPPRESS)
+    p.add_argument("--validation-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     {"methods": cmd_methods, "scaling": cmd_scaling, "_child": child}[args.command](args)
 

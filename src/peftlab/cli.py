@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="labelled CSV/JSONL/Parquet file (default: the run's test split)")
     e.add_argument("--text-columns", help="comma-separated text column(s) of --data")
     e.add_argument("--label-column", help="label column of --data")
-    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_evaluate)
 

@@ -97,7 +97,8 @@ class AdapterConfig:
 class TrainConfig:
     epochs: int = _help(5, "Training epochs.")
     batch_size: int = _help(32, "Examples per optimizer step, all processes together (before accumulation).")
-    eval_batch_size: int = _help(128, "Examples per evaluation batch.")
+    eval_batch_size: int = _help(
+        64, "Examples per evaluation batch (length-sorted; 64 measured faster than 32 or 128 on a 2-core CPU).")
     learning_rate: float | None = _help(
         None, "Peak learning rate. Default per method: full 1e-4, lora/dora/adalora 5e-3."
     )

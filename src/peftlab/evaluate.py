@@ -9,7 +9,7 @@ from .batching import collate, length_sorted_batches
 
 
 @torch.inference_mode()
-def predict_logits(model, input_ids: list[list[int]], pad_id: int, batch_size: int = 128,
+def predict_logits(model, input_ids: list[list[int]], pad_id: int, batch_size: int = 64,
                    device: torch.device | str | None = None) -> np.ndarray:
     """Logits for every text in the original order, from length-sorted batches without labels.
 

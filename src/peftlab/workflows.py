@@ -121,7 +121,8 @@ def train(cfg: Config, progress: bool = True, resume: bool | None = None) -> Pat
         if is_main:
             test_ids = encode(splits.test.text, tokenizer, max_len)
             t0 = time.perf_counter()
-            logits = predict_logits(model, test_ids, pad_id, cfg.train.eval_batch_size)
+            with modeling.merged_for_inference(model):
+                logits = predict_logits(model, test_ids, pad_id, cfg.train.eval_batch_size)
             eval_seconds = time.perf_counter() - t0
             test = metrics(logits, splits.labels.encode(splits.test.label), splits.labels.names, per_class=True)
             summary = {
@@ -265,7 +266,7 @@ def load_run(run: str | Path, device: str | None = None):
 
 
 def evaluate(run: str | Path, data: str | Path | None = None, text_columns: list[str] | None = None,
-             label_column: str | None = None, batch_size: int = 128) -> dict:
+             label_column: str | None = None, batch_size: int = 64) -> dict:
     """Accuracy, macro-F1 and per-class metrics of a run on its test split, or on ``data``."""
     from .evaluate import metrics, predict_logits
 
@@ -282,7 +283,10 @@ def evaluate(run: str | Path, data: str | Path | None = None, text_columns: list
         raise DataError(f"labels the run never saw: {', '.join(unknown[:5])} ({len(unknown)}); "
                         "evaluate on data with the run's labels (peftlab info RUN lists them)")
     ids = encode(test.text, tokenizer, cfg["model"]["max_length_tokens"])
-    logits = predict_logits(model, ids, tokenizer.pad_token_id or 0, batch_size)
+    from .modeling import merged_for_inference
+
+    with merged_for_inference(model):
+        logits = predict_logits(model, ids, tokenizer.pad_token_id or 0, batch_size)
     out = metrics(logits, labels.encode(test.label), labels.names, per_class=True)
     out["logits"] = logits
     return out
