@@ -92,10 +92,14 @@ class TrainSet(torch.utils.data.Dataset):
         return collate([x for x, _ in items], self.pad_id, [y for _, y in items])
 
 
+def lengths(input_ids) -> list[int]:
+    """Token count of each text, for Tokens or plain lists of ids."""
+    return input_ids.lengths().tolist() if isinstance(input_ids, Tokens) else [len(x) for x in input_ids]
+
+
 def length_sorted_batches(input_ids, batch_size: int):
     """Yield (original indices, batch ids) in order of length: minimal padding for inference."""
-    lengths = input_ids.lengths() if isinstance(input_ids, Tokens) else [len(x) for x in input_ids]
-    order = sorted(range(len(input_ids)), key=lengths.__getitem__)
+    order = sorted(range(len(input_ids)), key=lengths(input_ids).__getitem__)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         yield idx, [input_ids[i] for i in idx]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .batching import TrainSet
+from .batching import TrainSet, lengths
 from .config import TrainConfig
 from .evaluate import metrics, predict_logits
 from .modeling import trainable_state
@@ -186,16 +186,12 @@ def _predict_sharded(accelerator, model, ids: list[list[int]], pad_id: int, batc
     from accelerate.utils import gather_object
 
     # Interleaved over lengths, so every share has the same mix of short and long texts.
-    order = sorted(range(len(ids)), key=_lengths(ids).__getitem__)[accelerator.process_index::accelerator.num_processes]
+    order = sorted(range(len(ids)), key=lengths(ids).__getitem__)[accelerator.process_index::accelerator.num_processes]
     part = predict_logits(model, [ids[i] for i in order], pad_id, batch_size, accelerator.device)
     out = np.zeros((len(ids), part.shape[1]), dtype=part.dtype)
     for idx, logits in gather_object([(order, part)]):
         out[idx] = logits
     return out
-
-
-def _lengths(ids) -> list[int]:
-    return ids.lengths().tolist() if hasattr(ids, "lengths") else [len(x) for x in ids]
 
 
 def _better(metric: str, a: float, b: float | None) -> bool:
@@ -228,8 +224,7 @@ def _fit(model, train_set: TrainSet, val_ids, val_labels: list[int], cfg: TrainC
 
     accelerator = _accelerator(cfg)
     set_seed(cfg.seed)
-    lengths = _lengths(train_set.input_ids)
-    sampler = LengthGroupedSampler(cfg.batch_size, lengths=lengths,
+    sampler = LengthGroupedSampler(cfg.batch_size, lengths=lengths(train_set.input_ids),
                                    generator=torch.Generator().manual_seed(cfg.seed))
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
                                          collate_fn=train_set.collate)
@@ -460,7 +455,7 @@ def _fit(model, train_set: TrainSet, val_ids, val_labels: list[int], cfg: TrainC
             g["lr"] = lr * FINAL_EPOCH_LR_FRACTION
         extra_loader = accelerator.prepare(torch.utils.data.DataLoader(
             extra_set, batch_size=cfg.batch_size, sampler=LengthGroupedSampler(
-                cfg.batch_size, lengths=_lengths(extra_set.input_ids),
+                cfg.batch_size, lengths=lengths(extra_set.input_ids),
                 generator=torch.Generator().manual_seed(cfg.seed + 1)), collate_fn=extra_set.collate))
         t0 = time.perf_counter()
         train_epoch(extra_loader, "final epoch on train+validation", cfg.epochs, schedule=False)
