@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from transformers import pipeline
 
     from peftlab import predictor
-    from peftlab.export import export
+    from peftlab.exporting import export
 
     texts = pd.read_csv(Path(args.data_dir) / "banking77" / "test.csv").text.tolist()[: args.texts]
     root = Path(args.export_dir or tempfile.mkdtemp(prefix="peftlab-bench-"))

@@ -103,18 +103,18 @@ def _splits_and_config(args):
 
 def run_peftlab(args) -> dict:
     import peftlab
-    from peftlab.runs import read_summary
+    from peftlab.rundir import read_summary
 
     cfg, splits = _splits_and_config(args)
-    run = peftlab.train(cfg, progress=False)
+    run = peftlab.train(cfg)
     s = read_summary(run)
     out = {"train_seconds": s["train_seconds"], "train_examples": round(s["train_samples_per_second"] * s["train_seconds"]),
            "eval_samples_per_second": s["eval_samples_per_second"], "accuracy": s["test_accuracy"], "f1": s["test_f1"],
            "peak_rss_mb": _peak_rss_mb()}  # before the extra evaluation rounds reload the run
     if args.eval_rounds > 1:  # more test-set passes as train() makes them (merged, length-sorted); keep the best
-        from peftlab.batching import encode
-        from peftlab.evaluate import predict_logits
         from peftlab.modeling import merged_for_inference
+        from peftlab.predictor import predict_logits
+        from peftlab.tokens import encode
         from peftlab.workflows import load_run
 
         model, tok, _, _ = load_run(run)
@@ -134,7 +134,7 @@ def _peak_rss_mb() -> float:
 
 
 def run_plain(args) -> dict:
-    """The recipe of the seeds' notebooks, with peftlab's hyperparameters for the method."""
+    """The usual notebook recipe (Trainer + get_peft_model), with peftlab's hyperparameters for the method."""
     import numpy as np
     from datasets import Dataset
     from peft import AdaLoraConfig, LoraConfig, TaskType, get_peft_model
@@ -148,7 +148,7 @@ def run_plain(args) -> dict:
     )
 
     from peftlab import modeling
-    from peftlab.train import optimizer_steps
+    from peftlab.loop import optimizer_steps
 
     cfg, splits = _splits_and_config(args)
     path = modeling.resolve_backbone(cfg.model.name)
@@ -162,7 +162,7 @@ def run_plain(args) -> dict:
                   lora_dropout=a.lora_dropout)
     if a.method == "lora" or a.method == "dora":
         model = get_peft_model(model, LoraConfig(r=a.r, use_dora=a.method == "dora", **common))
-    elif a.method == "adalora":  # under the plain Trainer update_and_allocate is never called (the seeds' way)
+    elif a.method == "adalora":  # under the plain Trainer update_and_allocate is never called (as in the notebooks)
         model = get_peft_model(model, AdaLoraConfig(init_r=a.init_r, target_r=a.target_r, tinit=int(0.1 * steps),
                                                     tfinal=int(0.2 * steps), deltaT=a.deltaT, total_step=steps, **common))
 

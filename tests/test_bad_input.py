@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from conftest import REPO, tiny_overrides
 
 from peftlab import cli
@@ -74,6 +75,8 @@ CASES = [
          argv=lambda e: ["train", str(e["data"] / "list.yaml")]),
     Case("override-without-value", "config", "`train.epochs` (no `=`)", "train.epochs",
          argv=lambda e: train(e, "train.epochs")),
+    Case("pasted-peft-block", "config", "an AdaLoRA block pasted from a notebook's PEFT config, with keys PEFT "
+         "never had", "5 problems in", argv=lambda e: ["train", str(e["data"] / "peft_block.yaml"), *train(e)[1:]]),
     # --- data -----------------------------------------------------------------------------------------
     Case("missing-file", "data", "`data.train_file` that does not exist", "nosuch.csv",
          argv=lambda e: train(e, data="nosuch.csv")),
@@ -114,6 +117,8 @@ CASES = [
          argv=lambda e: ["predict", str(e["done"]), str(e["data"] / "nosuch.csv"), "-o", str(e["data"] / "p.csv")]),
     Case("predict-no-text-column", "cli", "`peftlab predict` on a file without its text column", "text",
          argv=lambda e: ["predict", str(e["done"]), str(e["data"] / "no_text.csv"), "-o", str(e["data"] / "p.csv")]),
+    Case("data-changed-since-training", "cli", "`peftlab evaluate` of a run whose test file was edited since",
+         "changed since training", argv=lambda e: ["evaluate", str(e["changed"])]),
     Case("evaluate-unknown-labels", "cli", "`peftlab evaluate --data` with labels the run never saw", "never saw",
          argv=lambda e: ["evaluate", str(e["done"]), "--data", str(e["data"] / "unseen_test.csv"),
                          "--label-column", "category"]),
@@ -200,6 +205,19 @@ def env(tmp_path_factory, tiny_model, small_data):
     one["category"] = "only_one"
     one.to_csv(data / "one.csv", index=False)
     (data / "bad.yaml").write_text("train:\n  epochs: [3\n")
+    (data / "peft_block.yaml").write_text(yaml.safe_dump({"adapter": {
+        "method": "adalora", "r": 8, "lora_alpha": 16, "target_modules": ["query", "value"], "lora_dropout": 0.1,
+        "bias": "none", "task_type": "SEQ_CLS", "init_lora_weights": True, "use_rslora": False,
+        "adaptive_scaling": True, "scale_factor": 1.0, "max_rank": 8, "min_rank": 1, "update_steps": 100}},
+        sort_keys=False))
+    # A run on data files of its own, whose test file is edited after training.
+    own = {k: data / f"own_{k}.csv" for k in ("train", "test")}
+    for k, f in own.items():
+        shutil.copy(small_data[k], f)
+    assert cli.main(["train", *tiny_overrides(tiny_model, own, runs, "lora", run_name="changed",
+                                              **{"train.epochs": 1})]) == 0
+    edited = pd.read_csv(own["test"])
+    pd.concat([edited, edited.head(1)]).to_csv(own["test"], index=False)
     (data / "list.yaml").write_text("- train\n- epochs\n")
     foreign = root / "trainer-output"
     foreign.mkdir()
@@ -228,7 +246,7 @@ def env(tmp_path_factory, tiny_model, small_data):
     (remote / "modeling_evil.py").write_text(evil + "\n")
     return {"root": root, "runs": runs, "marker": marker, "pickle_model": pickle_model, "pickle_run": pickle_run,
             "remote_code_model": remote, "data": data, "done": runs / "done", "unfinished": unfinished,
-            "foreign": foreign, "model": tiny_model, "good": small_data}
+            "foreign": foreign, "model": tiny_model, "good": small_data, "changed": runs / "changed"}
 
 
 def pickle_payload(code: str) -> bytes:
@@ -253,10 +271,13 @@ def run_cli(case: Case, env: dict, capsys) -> tuple[int, str]:
         code = cli.main([str(a) for a in case.argv(env)])
     except SystemExit as e:  # argparse
         code = e.code
-    # Progress and log lines may come first; the error is the last line, and the only one.
-    lines = capsys.readouterr().err.strip().splitlines()
-    errors = [x for x in lines if x.startswith("error: ") or "Traceback" in x]
-    return code, errors[0] if len(errors) == 1 and lines[-1] == errors[0] else "\n".join(lines)
+    # Progress and log lines may come first; the error comes last: one line, or a heading line followed by
+    # one indented line per problem.
+    lines = capsys.readouterr().err.rstrip().splitlines()
+    starts = [i for i, x in enumerate(lines) if x.startswith("error: ")]
+    if len(starts) != 1 or any("Traceback" in x for x in lines):
+        return code, "\n".join(lines)
+    return code, "\n".join(lines[starts[0]:])
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +285,8 @@ def client(env):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from peftlab.serve import ServeLimits, create_app
+    from peftlab.config import ServeLimits
+    from peftlab.server import create_app
 
     limits = ServeLimits(max_texts_per_request=8, max_chars_per_text=300, max_body_bytes=4000)
     with TestClient(create_app({"done": env["done"]}, limits)) as c:
@@ -280,7 +302,7 @@ def test_cli_case(case, env, capsys):
     finally:
         shutil.rmtree(env["runs"] / "new", ignore_errors=True)
     assert code == 2, err
-    assert err.startswith("error: ") and "\n" not in err, err
+    assert err.startswith("error: ") and all(line.startswith("  ") for line in err.splitlines()[1:]), err
     assert case.expect in err, err
     assert fingerprint(env["done"]) == before  # the finished run is untouched
     assert not env["marker"].exists()  # no planted code ran
@@ -315,8 +337,8 @@ def observed(case: Case, env, client, capsys) -> str:
         body = r.json()
         return f"{r.status_code} `{body.get('error') or body.get('detail')}`"
     code, err = run_cli(case, env, capsys)
-    # Temporary folders differ between runs: show them as <tmp>/name.
-    return f"exit {code}: `{re.sub(str(env['root']), '<tmp>', err)}`"
+    # Temporary folders differ between runs: show them as <tmp>/name; one problem per line.
+    return f"exit {code}: " + "<br>".join(f"`{line.strip()}`" for line in re.sub(str(env["root"]), "<tmp>", err).splitlines())
 
 
 def render(env, client, capsys) -> str:

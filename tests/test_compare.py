@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from peftlab import cli, compare, comparison, modeling, workflows
+from peftlab import budget, cli, comparison, matrix, modeling, workflows
 from peftlab.errors import ConfigError, DataError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -32,7 +32,7 @@ def spec(tiny_model, small_data, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory, tiny_model, small_data):
+def compared(tmp_path_factory, tiny_model, small_data):
     root = tmp_path_factory.mktemp("compare")
     (root / "tiny.yaml").write_text(yaml.safe_dump(spec(tiny_model, small_data)))
     # In-process: a fresh interpreter per run costs ~5 s of imports here; isolation has its own test.
@@ -59,8 +59,8 @@ def table(folder) -> dict[str, dict[str, str]]:
 
 def rows_from(folder) -> list[dict]:
     """The comparison's per-run rows, rebuilt from the run folders listed in comparison.csv."""
-    return [comparison._row(folder / r["run"], folder, r["group"],
-                         compare.Cell(r["method"], "default", int(r["seed"]), None, status="reused"))
+    return [comparison.row(folder / r["run"], folder, r["group"],
+                         comparison.Cell(r["method"], "default", int(r["seed"]), None, status="reused"))
             for r in csv_rows(folder)]
 
 
@@ -68,8 +68,8 @@ def summary(folder, run):
     return json.loads((folder / run / "summary.json").read_text())
 
 
-def test_compare_writes_one_row_per_method_csv_per_run_and_plots(matrix):
-    folder = matrix / "out" / "tiny"
+def test_compare_writes_one_row_per_method_csv_per_run_and_plots(compared):
+    folder = compared / "out" / "tiny"
     assert list(table(folder)) == METHODS
     rows = csv_rows(folder)
     assert [(r["method"], int(r["seed"])) for r in rows] == [(m, s) for m in METHODS for s in SEEDS]
@@ -83,7 +83,7 @@ def test_compare_writes_one_row_per_method_csv_per_run_and_plots(matrix):
         assert (folder / "plots" / name).read_bytes()[:8] == PNG_MAGIC
         img = imread(folder / "plots" / name)
         assert img.ndim == 3 and min(img.shape[:2]) > 100 and img.std() > 0.01
-    assert f"Command: `peftlab compare {matrix / 'tiny.yaml'} -o {matrix / 'out'} --in-process`" in md
+    assert f"Command: `peftlab compare {compared / 'tiny.yaml'} -o {compared / 'out'} --in-process`" in md
     assert "shared one process (in-process mode)" in md
     assert "Hardware: platform " in md and "torch " in md and "device cpu" in md
     html = (folder / "comparison.html").read_text()
@@ -91,8 +91,8 @@ def test_compare_writes_one_row_per_method_csv_per_run_and_plots(matrix):
     assert not list(folder.glob("**/.*tmp"))
 
 
-def test_csv_numbers_are_each_runs_summary(matrix):
-    folder = matrix / "out" / "tiny"
+def test_csv_numbers_are_each_runs_summary(compared):
+    folder = compared / "out" / "tiny"
     for row in csv_rows(folder):
         s = summary(folder, row["run"])
         for key in ("trainable_parameters", "total_parameters", "trainable_percent", "test_accuracy", "test_f1",
@@ -107,8 +107,8 @@ def test_csv_numbers_are_each_runs_summary(matrix):
     assert full["train"]["learning_rate"] == 1.0e-3  # per_method reached the cell
 
 
-def test_table_shows_mean_and_sample_std_over_seeds(matrix):
-    folder = matrix / "out" / "tiny"
+def test_table_shows_mean_and_sample_std_over_seeds(compared):
+    folder = compared / "out" / "tiny"
     rows = table(folder)
     for method in METHODS:
         runs = [summary(folder, f"runs/{method}-default-seed{s}") for s in SEEDS]
@@ -127,8 +127,8 @@ def test_table_shows_mean_and_sample_std_over_seeds(matrix):
     assert comparison._stats([0.5]) == (0.5, None, 1)
 
 
-def test_accuracy_plot_points_are_the_table_means(matrix):
-    folder = matrix / "out" / "tiny"
+def test_accuracy_plot_points_are_the_table_means(compared):
+    folder = compared / "out" / "tiny"
     _blocks, figs = comparison.build(rows_from(folder), "tiny", "cmd")
     ax = figs["accuracy_vs_parameters.png"].axes[0]
     assert ax.get_xscale() == "log"
@@ -141,8 +141,8 @@ def test_accuracy_plot_points_are_the_table_means(matrix):
         assert np.isclose(line.get_ydata()[0], 100 * statistics.mean(r["test_accuracy"] for r in runs))
 
 
-def test_second_invocation_reuses_every_run(matrix, monkeypatch, caplog):
-    folder = matrix / "out" / "tiny"
+def test_second_invocation_reuses_every_run(compared, monkeypatch, caplog):
+    folder = compared / "out" / "tiny"
     mtimes = {p: p.stat().st_mtime_ns for p in folder.glob("runs/*/summary.json")}
     assert len(mtimes) == 6
 
@@ -150,9 +150,9 @@ def test_second_invocation_reuses_every_run(matrix, monkeypatch, caplog):
         raise AssertionError(f"trained {cfg.run_name} again")
 
     monkeypatch.setattr(workflows, "train", no_training)
-    monkeypatch.setattr(compare, "_train_isolated", no_training)
+    monkeypatch.setattr(matrix, "_train_isolated", no_training)
     caplog.set_level("INFO", logger="peftlab")
-    assert cli.main(["compare", str(matrix / "tiny.yaml"), "-o", str(matrix / "out")]) == 0
+    assert cli.main(["compare", str(compared / "tiny.yaml"), "-o", str(compared / "out")]) == 0
     assert {p: p.stat().st_mtime_ns for p in folder.glob("runs/*/summary.json")} == mtimes
     lines = [r.getMessage() for r in caplog.records if "reusing" in r.getMessage()]
     assert lines == [f"[{i}/6] reusing {m}-default-seed{s} (finished)" for i, (m, s) in
@@ -160,15 +160,15 @@ def test_second_invocation_reuses_every_run(matrix, monkeypatch, caplog):
     assert all(r["status"] == "reused" for r in csv_rows(folder))
 
 
-def test_a_changed_config_refuses_to_reuse_finished_runs(matrix, capsys):
-    assert cli.main(["compare", str(matrix / "tiny.yaml"), "-o", str(matrix / "out"), "train.epochs=2"]) == 2
+def test_a_changed_config_refuses_to_reuse_finished_runs(compared, capsys):
+    assert cli.main(["compare", str(compared / "tiny.yaml"), "-o", str(compared / "out"), "train.epochs=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: finished runs in ") and "lora-default-seed0 (train.epochs 1 → 2)" in err
     assert len(err.splitlines()) == 1
 
 
-def test_unfinished_run_is_retrained_and_a_failing_cell_is_marked(matrix, tmp_path, monkeypatch, capsys):
-    shutil.copytree(matrix / "out", tmp_path / "out")
+def test_unfinished_run_is_retrained_and_a_failing_cell_is_marked(compared, tmp_path, monkeypatch, capsys):
+    shutil.copytree(compared / "out", tmp_path / "out")
     folder = tmp_path / "out" / "tiny"
     (folder / "runs" / "lora-default-seed1" / "summary.json").unlink()
     (folder / "runs" / "full-default-seed0" / "summary.json").unlink()
@@ -181,7 +181,7 @@ def test_unfinished_run_is_retrained_and_a_failing_cell_is_marked(matrix, tmp_pa
         return real_train(cfg)
 
     monkeypatch.setattr(workflows, "train", train)
-    assert cli.main(["compare", str(matrix / "tiny.yaml"), "-o", str(tmp_path / "out"), "--in-process"]) == 1
+    assert cli.main(["compare", str(compared / "tiny.yaml"), "-o", str(tmp_path / "out"), "--in-process"]) == 1
     assert trained == ["lora-default-seed1", "full-default-seed0"]
     assert (folder / "runs" / "lora-default-seed1" / "summary.json").is_file()
     status = {r["run"]: (r["status"], r["error"]) for r in csv_rows(folder)}
@@ -217,8 +217,8 @@ def test_each_run_trains_in_its_own_process_and_a_failure_there_is_marked(tiny_m
     assert "(1 of 2 runs failed or skipped)" in capsys.readouterr().out
 
 
-def test_runs_mode_compares_finished_folders(matrix, tmp_path, capsys):
-    runs = matrix / "out" / "tiny" / "runs"
+def test_runs_mode_compares_finished_folders(compared, tmp_path, capsys):
+    runs = compared / "out" / "tiny" / "runs"
     out = tmp_path / "cmp"
     given = [runs / "lora-default-seed0", runs / "lora-default-seed1", runs / "full-default-seed1"]
     assert cli.main(["compare", "--runs", *map(str, given), "-o", str(out)]) == 0
@@ -234,20 +234,20 @@ def test_runs_mode_compares_finished_folders(matrix, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: run '{broken}' did not finish (no summary.json); train it again"
 
 
-def test_runs_mode_names_what_sets_runs_of_one_method_apart(matrix, tmp_path):
-    runs = matrix / "out" / "tiny" / "runs"
+def test_runs_mode_names_what_sets_runs_of_one_method_apart(compared, tmp_path):
+    runs = compared / "out" / "tiny" / "runs"
     other = tmp_path / "lora-r4"
     shutil.copytree(runs / "lora-default-seed0", other)
     cfg = (other / "config.yaml").read_text()
     (other / "config.yaml").write_text(cfg.replace("  r: 8\n", "  r: 4\n", 1))
-    compare.compare_runs([runs / "lora-default-seed0", other], tmp_path / "cmp")
+    matrix.compare_runs([runs / "lora-default-seed0", other], tmp_path / "cmp")
     assert list(table(tmp_path / "cmp")) == ["lora (adapter.r=8)", "lora (adapter.r=4)"]
 
 
 @pytest.mark.parametrize("value,count", [("1M", 1_000_000), ("1.5M", 1_500_000), ("150k", 150_000),
                                          (150000, 150_000), ("2.5K", 2_500)])
 def test_budget_values(value, count):
-    assert compare.parse_budget(value) == count
+    assert budget.parse_budget(value) == count
 
 
 def independent_count(model, method: str) -> int:
@@ -267,12 +267,12 @@ def test_budget_mode_picks_the_largest_rank_within_the_budget(tiny_model, small_
 
     from peftlab import data
 
-    budget = 3000
-    plan = compare.load(spec(tiny_model, small_data, methods=["full", "lora", "adalora", "dora"], seeds=[0],
+    limit = 3000
+    plan = matrix.load(spec(tiny_model, small_data, methods=["full", "lora", "adalora", "dora"], seeds=[0],
                              per_method={}, budget="3k"), output_dir=str(tmp_path))
-    chosen = compare.choose_ranks(plan)
+    chosen = budget.choose_ranks(plan.cells, plan.budget)
     id2label = data.load(plan.cells[0].config.data, 0).labels.id2label
-    assert chosen["full-default"]["over_budget"] and chosen["full-default"]["parameters"] > budget
+    assert chosen["full-default"]["over_budget"] and chosen["full-default"]["parameters"] > limit
     for cell in plan.cells[1:]:
         r = chosen[f"{cell.method}-default"]["rank"]
         a = cell.config.adapter
@@ -283,12 +283,12 @@ def test_budget_mode_picks_the_largest_rank_within_the_budget(tiny_model, small_
             model = modeling.build(cell.config.model, adapter, id2label, 100, (10, 20))[0]
             counts.append(independent_count(model, cell.method))
         assert counts[0] == chosen[f"{cell.method}-default"]["parameters"]
-        assert counts[0] <= budget < counts[1], (cell.method, r, counts)
+        assert counts[0] <= limit < counts[1], (cell.method, r, counts)
 
 
 def test_budget_mode_trains_at_the_chosen_ranks_and_reports_them(tiny_model, small_data, tmp_path):
     s = spec(tiny_model, small_data, methods=["lora", "adalora"], seeds=[0], per_method={}, budget=3000)
-    folder = compare.run(s, output_dir=str(tmp_path), isolate=False)
+    folder = matrix.run(s, output_dir=str(tmp_path), isolate=False)
     rows = table(folder)
     for row in csv_rows(folder):
         sm = summary(folder, row["run"])
@@ -322,7 +322,7 @@ def test_config_mistakes_are_one_line_errors_with_exit_code_2(tiny_model, small_
     assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "tiny").exists()  # nothing trained
     with pytest.raises(ConfigError):
-        compare.load(path)
+        matrix.load(path)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -342,7 +342,7 @@ def test_base_may_be_a_train_config_path_and_layers_apply_in_order(tiny_model, s
              settings={"small": {"adapter.r": 2}, "wide": {"train": {"batch_size": 8}}},
              per_method={"lora": {"adapter.r": 16, "train.warmup_ratio": 0.2}}, methods=["lora", "dora"], seeds=[7])
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(s))
-    plan = compare.load(tmp_path / "c.yaml", ["train.warmup_ratio=0.3"], output_dir=str(tmp_path / "o"))
+    plan = matrix.load(tmp_path / "c.yaml", ["train.warmup_ratio=0.3"], output_dir=str(tmp_path / "o"))
     cells = {c.name: c.config for c in plan.cells}
     assert list(cells) == ["lora-small-seed7", "lora-wide-seed7", "dora-small-seed7", "dora-wide-seed7"]
     # base → overrides → per_method → setting → command line

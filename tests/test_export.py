@@ -66,7 +66,7 @@ def test_pipeline_loads_the_merged_export_with_our_label_names(minilm_run, sampl
     from transformers import pipeline
 
     out = tmp_path / "merged"
-    from peftlab.export import export
+    from peftlab.exporting import export
 
     export(minilm_run, "merged", out)
     clf = pipeline("text-classification", model=str(out), device="cpu")
@@ -85,7 +85,7 @@ def test_merged_and_onnx_exports_of_other_methods(method, tiny_model, small_data
     run = tmp_path / method
     texts = pd.read_csv(small_data["test"]).text.tolist()
     ref = predictor.load(run).logits(texts)
-    from peftlab.export import export
+    from peftlab.exporting import export
 
     for fmt in ("merged", "onnx"):
         out = export(run, fmt, tmp_path / f"{method}-{fmt}")
@@ -108,7 +108,7 @@ def test_export_mistakes_are_one_line_errors(tiny_model, small_data, tmp_path, c
     assert "already exists; choose another --output or pass --force" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == before  # the earlier export is intact
     with pytest.raises(ExportError, match="unknown export format 'tflite'"):
-        from peftlab.export import export
+        from peftlab.exporting import export
 
         export(run, "tflite")
     with pytest.raises(SystemExit):  # argparse rejects a wrong --format with exit code 2 too

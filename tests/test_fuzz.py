@@ -11,7 +11,8 @@ pytest.importorskip("fastapi")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from peftlab.serve import ServeLimits, create_app  # noqa: E402
+from peftlab.config import ServeLimits  # noqa: E402
+from peftlab.server import create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")

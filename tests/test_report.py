@@ -64,7 +64,7 @@ class Sources(HTMLParser):
 def test_train_writes_valid_pngs_linked_from_report_md(runs, method):
     run = runs[method]
     md = (run / "report.md").read_text()
-    assert "| Epoch | Step | Training Loss | Validation Loss | Accuracy | F1 |" in md  # the seeds' table stays
+    assert "| Epoch | Step | Training Loss | Validation Loss | Accuracy | F1 |" in md  # the write-ups' table stays
     linked = re.findall(r"!\[[^\]]*\]\(plots/([^)]+)\)", md)
     assert linked == EXPECTED_PLOTS[method]
     for name in linked:
@@ -140,7 +140,7 @@ def test_adalora_heatmap_shows_the_recorded_final_ranks(runs):
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1"]
     assert sorted(float(t.get_text()) for t in ax.texts) == sorted(expected.ravel())
     # and the PNG in the run folder is this figure
-    assert np.array_equal(pixels(report._png(fig)), pixels(run / "plots" / "adalora_ranks.png"))
+    assert np.array_equal(pixels(report.png(fig)), pixels(run / "plots" / "adalora_ranks.png"))
 
 
 def test_rank_budget_goes_from_init_r_to_target_r_times_modules(runs):

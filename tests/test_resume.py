@@ -3,6 +3,7 @@ points (several, some during a checkpoint write) in a subprocess, and determinis
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -18,7 +19,7 @@ from conftest import tiny_overrides
 from safetensors.torch import load_file
 
 from peftlab import checkpoint, cli
-from peftlab.runs import read_jsonl
+from peftlab.files import read_jsonl
 
 # What must be identical between an uninterrupted and a resumed run (wall-clock figures differ).
 SAME = ("test_accuracy", "test_f1", "test_loss", "best_step", "best_validation", "optimizer_steps",
@@ -53,7 +54,7 @@ class Interrupt(BaseException):
 @pytest.mark.parametrize("method", ["full", "lora", "adalora", "dora", "lora+final-epoch"])
 def test_an_interrupted_run_resumes_to_the_same_result(method, tiny_model, small_data, tmp_path, monkeypatch):
     extra = {"train.epochs": 3, "train.eval_every_steps": 5, "train.checkpoint_every_steps": 3, "adapter.deltaT": 2}
-    if method == "lora+final-epoch":  # interrupted at a state saved on the last step, then seed 003's extra epoch
+    if method == "lora+final-epoch":  # interrupted at a state saved on the last step, then the extra epoch on train+validation
         method = "lora"
         extra.update({"train.max_steps": 18, "train.final_epoch_on_train_and_validation": True})
     args = tiny_overrides(tiny_model, small_data, tmp_path, method, run_name="whole", **extra)
@@ -63,9 +64,9 @@ def test_an_interrupted_run_resumes_to_the_same_result(method, tiny_model, small
     saves = []
     real_save = checkpoint.save
 
-    def save_then_maybe_die(ckpt_dir, step, tensors, meta):
-        folder = real_save(ckpt_dir, step, tensors, meta)
-        saves.append(step)
+    def save_then_maybe_die(ckpt_dir, loop, *args):
+        folder = real_save(ckpt_dir, loop, *args)
+        saves.append(loop.step)
         if len(saves) in (2, 8):  # twice, the second time in epoch 2: a resumed run is interrupted again
             raise Interrupt
         return folder
@@ -210,3 +211,41 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_result(tin
     assert outcome(run) == whole
     assert not (run / "checkpoints").exists() and not list(run.rglob(".*.tmp"))
     assert_nothing_half_written(run)
+
+
+# --- the embedded model: SIGKILL right after an end-of-epoch state, and after a mid-epoch one ------------
+
+
+@pytest.mark.slow
+def test_sigkill_after_an_epoch_boundary_or_mid_epoch_state_resumes_exactly_on_the_embedded_model(data_dir, tmp_path):
+    """Real weights and dropout: a resumed epoch must replay neither the previous epoch's data order nor
+    another dropout stream. 720 training examples, 23 optimizer steps an epoch, 2 epochs."""
+    base = ["train", f"data.data_dir={data_dir}", "data.max_train_examples=800", "data.validation_size=80",
+            "data.max_test_examples=308", "train.epochs=2", "train.seed=7", f"output_dir={tmp_path}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def start(name: str, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "peftlab.cli", *base, f"run_name={name}", *extra], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def result(run: Path) -> dict:
+        out = outcome(run)
+        out["adapter"] = hashlib.sha256((run / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+        return out
+
+    p = start("whole")
+    assert p.wait(timeout=900) == 0, p.stderr.read()
+    whole = result(tmp_path / "whole")
+    assert whole["evaluations"][0]["step"] == 23
+
+    for name, extra, kill_after in (("boundary", (), 23), ("mid-epoch", ("train.checkpoint_every_steps=5",), 30)):
+        p = start(name, *extra)
+        deadline = time.monotonic() + 600
+        while p.poll() is None and latest_step(tmp_path / name) < kill_after and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        assert p.poll() is None and latest_step(tmp_path / name) == kill_after, f"{name}: no kill point"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        p = start(name, *extra)
+        assert p.wait(timeout=900) == 0, p.stderr.read()
+        assert result(tmp_path / name) == whole, name

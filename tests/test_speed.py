@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from peftlab.train import FastDropout, fast_dropout
+from peftlab.dropout import FastDropout, fast_dropout
 
 
 def test_fast_dropout_matches_dropout_in_distribution_and_gradient():

@@ -5,34 +5,31 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import os
+import shlex
 import sys
+from dataclasses import fields
 
-from .errors import PeftlabError
+from . import config as config_mod
+from . import matrix
+from .config import DATA_DIR_ENV, EVAL_BATCH_SIZE, ServeLimits
+from .console import setup_logging
+from .errors import DataError, PeftlabError
+from .files import read_json, write_text
+from .report import regenerate
+from .rundir import EXPORT_RECORD, read_summary
+
+# Commands that train or predict import torch (seconds) when they run, so that --help and errors in the
+# config are instant: workflows, loop, predictor, exporting, server and data (pandas) are imported there.
 
 EPILOG = "Config keys: `peftlab keys`. Docs and examples: README.md."
-
-
-def _setup_logging(verbose: bool) -> None:
-    # Our own lines at INFO; other libraries' loggers (onnxruntime's quantiser logs every tensor at INFO
-    # on the root logger) only from WARNING.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("peftlab").setLevel(logging.INFO)
-    if not verbose:
-        # transformers' load report and deprecation chatter drown the useful lines; peftlab reports
-        # newly initialised modules itself (run config: _run.newly_initialised).
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars; ours stay
-        import warnings
-
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+# serve's command-line flags for the limits (ServeLimits' fields; YAML limits: uses the field names).
+SERVE_FLAGS = {"max_texts_per_request": "max-texts", "max_chars_per_text": "max-chars",
+               "max_body_bytes": "max-body-bytes", "max_batch_texts": "max-batch", "max_wait_ms": "max-wait-ms"}
 
 
 def cmd_train(args) -> int:
-    from . import config as config_mod
-    from .runs import read_summary
+    from .loop import process_state
     from .workflows import train
 
     overrides = list(args.overrides)
@@ -45,8 +42,6 @@ def cmd_train(args) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     cfg = config_mod.load(cfg_file, overrides)
     run = train(cfg, resume=True if args.resume else False if args.restart else None)
-    from .train import process_state
-
     if not process_state().is_main_process:
         return 0  # under accelerate launch / torchrun: one summary, from the main process
     s = read_summary(run)
@@ -77,8 +72,7 @@ def cmd_predict(args) -> int:
     import pandas as pd
 
     from .data import read_table
-    from .errors import DataError
-    from .runs import write_text
+    from .predictor import load
     from .workflows import predict
 
     if args.input == "-":
@@ -91,8 +85,6 @@ def cmd_predict(args) -> int:
                             f"{', '.join(map(str, df.columns))}); use --text-column")
         texts = df[args.text_column].fillna("").astype(str).tolist()
         ids = df[args.id_column].tolist() if args.id_column in df.columns else list(range(len(df)))
-    from .predictor import load
-
     results = predict(load(args.run, quantized=args.quantized), texts, args.batch_size, args.top_k)
     out = pd.DataFrame({"id": ids, "label": [r[0][0] for r in results], "score": [round(r[0][1], 6) for r in results]})
     if args.top_k > 1:
@@ -106,10 +98,10 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from .exporting import export
 
     out = export(args.run, args.format, args.output, args.quantize, args.data, args.parity_examples, args.force)
-    record = json.loads((out / "export.json").read_text())
+    record = read_json(out / EXPORT_RECORD)
     p = record["parity"]
     line = (f"parity on {p['examples']} texts: max logit difference {p['max_abs_logit_diff']:.2e}, "
             f"label agreement {100 * p['label_agreement']:.2f}%")
@@ -142,8 +134,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import regenerate
-
     written = regenerate(args.run)
     for path in written:
         print(path)
@@ -151,18 +141,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from .config import describe
-
-    for key, default, text in describe():
+    for key, default, text in config_mod.describe():
         print(f"{key:<45} {json.dumps(default):<14} {text}")
     return 0
 
 
 def cmd_compare(args) -> int:
-    import shlex
-
-    from . import compare
-
     command = "peftlab " + shlex.join(args.argv)
     items = list(args.overrides)
     if args.runs:
@@ -170,11 +154,11 @@ def cmd_compare(args) -> int:
             raise PeftlabError("compare --runs takes run folders only: drop the config and key=value overrides")
         if not args.output_dir:
             raise PeftlabError("compare --runs needs -o DIR: the folder for comparison.md/.csv")
-        folder = compare.compare_runs(args.runs, args.output_dir, command)
+        folder = matrix.compare_runs(args.runs, args.output_dir, command)
     else:
         if not items or "=" in items[0]:
             raise PeftlabError("compare needs a compare config (COMPARE.yaml) or --runs RUN …")
-        folder = compare.run(items[0], items[1:], args.data_dir, args.output_dir, command, not args.in_process)
+        folder = matrix.run(items[0], items[1:], args.data_dir, args.output_dir, command, not args.in_process)
     rows = list(csv.DictReader((folder / "comparison.csv").read_text().splitlines()))
     md = (folder / "comparison.md").read_text().splitlines()
     print("\n".join(line for line in md if line.startswith("|")))
@@ -196,11 +180,10 @@ def cmd_serve(args) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise PeftlabError("peftlab serve needs fastapi and uvicorn: pip install 'peftlab[serve]'") from None
-    from .serve import serve
+    from .server import serve
 
-    flags = {"max_texts_per_request": args.max_texts, "max_chars_per_text": args.max_chars,
-             "max_body_bytes": args.max_body_bytes, "max_batch_texts": args.max_batch, "max_wait_ms": args.max_wait_ms}
-    serve(args.config, args.host, args.port, {k: v for k, v in flags.items() if v is not None}, args.threads)
+    flags = {key: getattr(args, key) for key in SERVE_FLAGS if getattr(args, key) is not None}
+    serve(args.config, args.host, args.port, flags, args.threads)
     return 0
 
 
@@ -221,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="peftlab train [CONFIG.yaml] [key=value ...]. Example: peftlab train "
                        "configs/banking77-lora.yaml train.epochs=3 --data-dir ../shared/data")
     t.add_argument("overrides", nargs="*", help="an optional YAML config, then key=value overrides")
-    t.add_argument("--data-dir", help=f"folder with built-in datasets (default ${'PEFTLAB_DATA_DIR'})")
+    t.add_argument("--data-dir", help=f"folder with built-in datasets (default ${DATA_DIR_ENV})")
     t.add_argument("--output-dir", help="where run folders go (default runs/)")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the unfinished run named by run_name=… "
@@ -234,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="labelled CSV/JSONL/Parquet file (default: the run's test split)")
     e.add_argument("--text-columns", help="comma-separated text column(s) of --data")
     e.add_argument("--label-column", help="label column of --data")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE, help=f"texts per batch (default {EVAL_BATCH_SIZE})")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_evaluate)
 
@@ -245,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text-column", default="text")
     pr.add_argument("--id-column", default="id", help="copied to the output when present (else the row number)")
     pr.add_argument("--top-k", type=int, default=1, help="also write the k best labels with scores")
-    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE, help=f"texts per batch (default {EVAL_BATCH_SIZE})")
     pr.add_argument("--quantized", action="store_true", help="with an ONNX export: use its int8 model")
     pr.set_defaults(func=cmd_predict)
 
@@ -280,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Exit code 1 when a run failed (the table marks it).")
     c.add_argument("overrides", nargs="*", metavar="COMPARE.yaml [key=value]",
                    help="compare config, then key=value overrides applied to every run")
-    c.add_argument("--data-dir", help="folder with built-in datasets (default $PEFTLAB_DATA_DIR)")
+    c.add_argument("--data-dir", help=f"folder with built-in datasets (default ${DATA_DIR_ENV})")
     c.add_argument("-o", "--output-dir", help="where the comparison goes (default: the config's output_dir, runs/)")
     c.add_argument("--runs", nargs="+", metavar="RUN", help="compare these finished run folders instead of training")
     c.add_argument("--in-process", action="store_true", help="train every run in this process (starts quicker; "
@@ -297,12 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("config", metavar="CONFIG_OR_DIR", help="serve YAML, run/export folder, or folder of runs")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-texts", type=int, help="texts per request (default 64)")
-    sv.add_argument("--max-chars", type=int, help="characters per text (default 2000)")
-    sv.add_argument("--max-body-bytes", type=int, help="request body size (default 1000000)")
-    sv.add_argument("--max-batch", type=int, help="texts per model call, over combined requests (default 128)")
-    sv.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 0: "
-                    "requests that arrive while the model is busy form the next batch)")
+    for f in fields(ServeLimits):  # the limits' names, types, help and defaults come from ServeLimits
+        sv.add_argument(f"--{SERVE_FLAGS[f.name]}", dest=f.name, type=float if f.type in (float, "float") else int,
+                        help=f"{f.metadata['help']} (default {f.default:g})")
     sv.add_argument("--threads", type=int, help="torch threads for the model (default: torch's)")
     sv.set_defaults(func=cmd_serve)
     return p
@@ -318,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("train", "compare") or any("=" not in x or x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return args.func(args)
     except PeftlabError as e:

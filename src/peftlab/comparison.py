@@ -1,7 +1,7 @@
 """The comparison itself: a row per run from its summary.json, mean ± std per method over seeds,
 comparison.csv / .md / .html and plots. No torch: it reads run folders only.
 
-``compare.run`` (training the matrix) and ``compare.compare_runs`` (finished runs) both end here.
+``matrix.run`` (training a compare matrix) and ``matrix.compare_runs`` (finished runs) both end here.
 """
 
 from __future__ import annotations
@@ -11,14 +11,29 @@ import io
 import os
 import platform
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from . import config as config_mod
-from .runs import open_run, read_summary, write_bytes, write_text
+from .config import RUN_RECORD_KEY, Config
+from .files import write_bytes, write_text
+from .report import PLOTS, figure, png, to_html, to_markdown
+from .rundir import open_run, read_summary
 
-if TYPE_CHECKING:
-    from .compare import Cell
+
+@dataclass
+class Cell:
+    """One run of a comparison: a cell of a compare matrix, or a finished run given to --runs."""
+
+    method: str
+    setting: str
+    seed: int
+    config: Config | None  # None for a finished run given to --runs
+    status: str = "pending"  # pending → trained | reused | failed | skipped
+    error: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.setting}-seed{self.seed}"
 
 CSV_COLUMNS = ("group", "method", "setting", "seed", "status", "error", "run", "dataset", "trainable_parameters",
                "total_parameters", "trainable_percent", "adalora_effective_parameters", "rank", "init_r",
@@ -26,7 +41,7 @@ CSV_COLUMNS = ("group", "method", "setting", "seed", "status", "error", "run", "
                "train_samples_per_second", "peak_memory_mb", "device")
 
 
-def _row(run_dir: Path, folder: Path, label: str, cell: Cell) -> dict:
+def row(run_dir: Path, folder: Path, label: str, cell: Cell) -> dict:
     """One comparison.csv row: the run's own numbers, copied from its summary.json and config.yaml."""
     row = {"group": label, "method": cell.method, "setting": cell.setting, "seed": cell.seed, "status": cell.status,
            "error": cell.error, "run": os.path.relpath(run_dir, folder)}
@@ -43,7 +58,7 @@ def _row(run_dir: Path, folder: Path, label: str, cell: Cell) -> dict:
                rank={"lora": a["r"], "dora": a["r"], "adalora": a["target_r"]}.get(cell.method),
                init_r=a["init_r"] if cell.method == "adalora" else None,
                budget_parameters=effective if effective is not None else s["trainable_parameters"],
-               _notes=s.get("notes", []), _versions=cfg.get(config_mod.RUN_RECORD_KEY, {}).get("versions", {}))
+               _notes=s.get("notes", []), _versions=cfg.get(RUN_RECORD_KEY, {}).get("versions", {}))
     return row
 
 
@@ -80,9 +95,7 @@ def _pm(stat, scale: float = 100, digits: int = 2, unit: str = "%") -> str:
 
 
 def plot_accuracy_vs_parameters(groups: list[dict], budget: int | None = None):
-    from .report import _figure
-
-    fig, ax = _figure(8, 5)
+    fig, ax = figure(8, 5)
     for g in groups:
         mean, std, _ = g["test_accuracy"]
         bar = ax.errorbar([g["trainable_parameters"]], [100 * mean], yerr=[100 * (std or 0)], fmt="o", capsize=4,
@@ -103,9 +116,7 @@ def plot_accuracy_vs_parameters(groups: list[dict], budget: int | None = None):
 
 def plot_bars(groups: list[dict], series: list[tuple[str, str, float]], ylabel: str, title: str):
     """Bars per group for each (key, legend, scale) series, with the std over seeds as error bars."""
-    from .report import _figure
-
-    fig, ax = _figure(max(6, 1.4 * len(groups) + 2), 4.5)
+    fig, ax = figure(max(6, 1.4 * len(groups) + 2), 4.5)
     width = 0.8 / len(series)
     for j, (key, legend, scale) in enumerate(series):
         ax.bar([i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))],
@@ -191,11 +202,9 @@ def to_csv(rows: list[dict]) -> str:
 def write(folder: Path, rows: list[dict], title: str, command: str, budget: int | None = None,
           notes: list[str] = ()) -> list[Path]:
     """comparison.csv, comparison.md, comparison.html and plots/*.png in ``folder`` (atomic writes)."""
-    from .report import PLOTS, _png, to_html, to_markdown
-
     folder = Path(folder)
     blocks, figs = build(rows, title, command, budget, notes)
-    pngs = {name: _png(fig) for name, fig in figs.items()}
+    pngs = {name: png(fig) for name, fig in figs.items()}
     written = []
     for name, data in pngs.items():
         write_bytes(folder / PLOTS / name, data)

@@ -1,138 +1,134 @@
-"""One typed config tree: dataclasses whose field help is the documentation.
+"""One typed config tree: dataclasses whose field help is the documentation, and the one place every
+training default is written.
 
-Loading is strict: unknown keys, wrong types and conflicting values are collected and raised together
-as one ConfigError, each naming the key, what is allowed, and a did-you-mean where one is close.
-This module imports no torch, so ``peftlab --help`` and config validation stay instant.
+Loading is strict (schema.py): unknown keys, wrong types and conflicting values are collected and raised
+together as one ConfigError, one problem per line, each naming the key and the fix. Keys that users paste
+from a PEFT config (``bias``, ``task_type``, ``init_lora_weights: true``) are taken where they mean
+something here and explained where they do not. This module imports no torch, so ``peftlab --help`` and
+config validation stay instant.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from . import schema
 from .errors import ConfigError
+from .files import read_yaml
+from .schema import setting
 
 METHODS = ("full", "lora", "adalora", "dora")
-# The section a run folder's config.yaml adds (versions, backbone path, …): a record, not a setting.
+# The section a run folder's config.yaml adds (versions, backbone path, data files): a record, not a setting.
 RUN_RECORD_KEY = "_run"
+# Where built-in datasets are looked for when data.data_dir is not set.
+DATA_DIR_ENV = "PEFTLAB_DATA_DIR"
+# Examples per evaluation and prediction batch (length-sorted): 64 measured faster than 32 or 128 on a
+# 2-core CPU. The default of train.eval_batch_size, predict, evaluate and serve.
+EVAL_BATCH_SIZE = 64
 
-# Tuned on the embedded all-MiniLM-L6-v2 / Banking77 (see README "Defaults"). A sentence-embedding
-# model learns slowly through low-rank adapters at the seeds' 2e-4, so adapters get a much larger
-# rate; full fine-tuning moves every weight and wants a small one.
+# Tuned on the embedded all-MiniLM-L6-v2 / Banking77 (README "Configuration"). A sentence-embedding
+# model learns slowly through low-rank adapters at the 2e-4 of the usual BERT recipe, so adapters get a
+# much larger rate; full fine-tuning moves every weight and wants a small one.
 DEFAULT_LEARNING_RATE = {"full": 1e-4, "lora": 5e-3, "dora": 5e-3, "adalora": 5e-3}
-
-
-def _help(default: Any, text: str) -> Any:
-    """A field with its help text; the help is shown by ``peftlab keys`` and written into docs."""
-    return field(default=default, metadata={"help": text})
 
 
 @dataclass
 class ModelConfig:
-    name: str = _help(
+    name: str = setting(
         "default",
-        "Backbone: 'default' (the embedded all-MiniLM-L6-v2), a local Hugging Face model folder, or a hub id.",
-    )
-    max_length_tokens: int = _help(64, "Texts are truncated to this many tokens.")
-    trust_remote_code: bool = _help(False, "Allow model code from the hub. Off: only built-in architectures load.")
+        "Backbone: 'default' (the embedded all-MiniLM-L6-v2), a local Hugging Face model folder, or a hub id.")
+    max_length_tokens: int = setting(64, "Texts are truncated to this many tokens.")
+    trust_remote_code: bool = setting(False, "Allow model code from the hub. Off: only built-in architectures load.")
 
 
 @dataclass
 class DataConfig:
-    dataset: str | None = _help(
-        "banking77", "Built-in dataset name (banking77, ag_news), or null when train_file is given."
-    )
-    data_dir: str | None = _help(
-        None, "Folder holding built-in datasets (<data_dir>/banking77/train.csv …); default $PEFTLAB_DATA_DIR."
-    )
-    train_file: str | None = _help(None, "CSV, JSONL or Parquet file with training examples.")
-    validation_file: str | None = _help(None, "Optional validation file; else a stratified split of train.")
-    test_file: str | None = _help(None, "Test file; required with train_file.")
-    text_columns: list[str] | None = _help(
-        None, "Text column(s), joined with '. ' when several. Default: the dataset's own, else ['text']."
-    )
-    label_column: str | None = _help(None, "Label column. Default: the dataset's own, else 'label'.")
-    validation_size: float = _help(
-        0.1, "Stratified validation split when there is no validation file: a fraction (<1) or a count."
-    )
-    max_train_examples: int | None = _help(None, "Use a stratified subset of the training set (quick runs).")
-    max_test_examples: int | None = _help(None, "Use a stratified subset of the test set (quick runs).")
+    dataset: str | None = setting(
+        "banking77", "Built-in dataset name (banking77, ag_news), or null when train_file is given.")
+    data_dir: str | None = setting(
+        None, "Folder holding built-in datasets (<data_dir>/banking77/train.csv …); default $PEFTLAB_DATA_DIR.")
+    train_file: str | None = setting(None, "CSV, JSONL or Parquet file with training examples.")
+    validation_file: str | None = setting(None, "Optional validation file; else a stratified split of train.")
+    test_file: str | None = setting(None, "Test file; required with train_file.")
+    text_columns: list[str] | None = setting(
+        None, "Text column(s), joined with '. ' when several. Default: the dataset's own, else ['text'].")
+    label_column: str | None = setting(None, "Label column. Default: the dataset's own, else 'label'.")
+    validation_size: float = setting(
+        0.1, "Stratified validation split when there is no validation file: a fraction (<1) or a count.")
+    max_train_examples: int | None = setting(None, "Use a stratified subset of the training set (quick runs).")
+    max_test_examples: int | None = setting(None, "Use a stratified subset of the test set (quick runs).")
 
 
 @dataclass
 class AdapterConfig:
-    method: Literal["full", "lora", "adalora", "dora"] = _help("lora", "Fine-tuning method.")
-    r: int = _help(8, "LoRA/DoRA rank.")
-    lora_alpha: float = _help(16, "LoRA scaling numerator (scale = lora_alpha / r, or / sqrt(r) with rsLoRA).")
-    lora_dropout: float = _help(0.1, "Dropout on the adapter's input.")
-    target_modules: str | list[str] = _help(
-        "auto", "'auto' (per architecture: query+value or its equivalent), 'all-linear', or module names."
-    )
-    use_rslora: bool = _help(False, "Rank-stabilised LoRA scaling (lora_alpha / sqrt(r)).")
-    use_dora: bool = _help(False, "Weight-decomposed LoRA; method 'dora' sets it.")
-    init_lora_weights: Literal["default", "gaussian", "pissa", "olora"] = _help(
-        "default", "LoRA initialisation: PEFT's default, gaussian, PiSSA or OLoRA."
-    )
-    modules_to_save: list[str] = field(default_factory=list, metadata={
-        "help": "Extra modules trained in full and saved with the adapter (head and new weights always are)."})
-    init_r: int = _help(12, "AdaLoRA: initial rank of every module.")
-    target_r: int = _help(8, "AdaLoRA: average rank per module after pruning (budget = target_r × modules).")
-    tinit: int | None = _help(None, "AdaLoRA: optimizer steps of warm-up before pruning (default 10 %).")
-    tfinal: int | None = _help(None, "AdaLoRA: final optimizer steps at fixed ranks (default 20 %).")
-    deltaT: int = _help(10, "AdaLoRA: optimizer steps between two budget allocations.")
-    beta1: float = _help(0.85, "AdaLoRA: EMA factor of the sensitivity.")
-    beta2: float = _help(0.85, "AdaLoRA: EMA factor of the uncertainty.")
-    orth_reg_weight: float = _help(0.5, "AdaLoRA: weight of the orthogonal regulariser.")
+    method: Literal["full", "lora", "adalora", "dora"] = setting("lora", "Fine-tuning method.")
+    r: int = setting(8, "LoRA/DoRA rank.")
+    lora_alpha: float = setting(16, "LoRA scaling numerator (scale = lora_alpha / r, or / sqrt(r) with rsLoRA).")
+    lora_dropout: float = setting(0.1, "Dropout on the adapter's input.")
+    target_modules: str | list[str] = setting(
+        "auto", "'auto' (per architecture: query+value or its equivalent), 'all-linear', or module names.")
+    bias: Literal["none", "all", "lora_only"] = setting(
+        "none", "Which biases train (PEFT's bias): none, all, or those of the adapted layers (lora_only).")
+    use_rslora: bool = setting(False, "Rank-stabilised LoRA scaling (lora_alpha / sqrt(r)).")
+    use_dora: bool = setting(False, "Weight-decomposed LoRA; method 'dora' sets it.")
+    init_lora_weights: Literal["default", "gaussian", "pissa", "olora"] = setting(
+        "default", "LoRA initialisation: PEFT's default (true), gaussian, PiSSA or OLoRA.")
+    modules_to_save: list[str] = setting(
+        [], "Extra modules trained in full and saved with the adapter (head and new weights always are).")
+    init_r: int = setting(12, "AdaLoRA: initial rank of every module.")
+    target_r: int = setting(8, "AdaLoRA: average rank per module after pruning (budget = target_r × modules).")
+    tinit: int | None = setting(None, "AdaLoRA: optimizer steps of warm-up before pruning (default 10 %).")
+    tfinal: int | None = setting(None, "AdaLoRA: final optimizer steps at fixed ranks (default 20 %).")
+    deltaT: int = setting(10, "AdaLoRA: optimizer steps between two budget allocations.")
+    beta1: float = setting(0.85, "AdaLoRA: EMA factor of the sensitivity.")
+    beta2: float = setting(0.85, "AdaLoRA: EMA factor of the uncertainty.")
+    orth_reg_weight: float = setting(0.5, "AdaLoRA: weight of the orthogonal regulariser.")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _help(5, "Training epochs.")
-    batch_size: int = _help(32, "Examples per optimizer step, all processes together (before accumulation).")
-    eval_batch_size: int = _help(
-        64, "Examples per evaluation batch (length-sorted; 64 measured faster than 32 or 128 on a 2-core CPU).")
-    learning_rate: float | None = _help(
-        None, "Peak learning rate. Default per method: full 1e-4, lora/dora/adalora 5e-3."
-    )
-    head_learning_rate: float | None = _help(None, "Learning rate of the head; default learning_rate.")
-    weight_decay: float = _help(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
-    warmup_ratio: float = _help(0.06, "Fraction of optimizer steps with linear warmup.")
-    lr_scheduler: Literal["linear", "cosine", "constant"] = _help("linear", "Schedule after warmup.")
-    gradient_accumulation_steps: int = _help(1, "Batches accumulated per optimizer step.")
-    max_grad_norm: float = _help(1.0, "Gradient clipping norm (0 disables).")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
-        "auto", "Mixed precision: auto is bf16 on a GPU that supports it, else fp32."
-    )
-    eval_every_steps: int = _help(0, "Evaluate every N optimizer steps; 0 evaluates once per epoch.")
-    metric_for_best: Literal["accuracy", "f1", "loss"] = _help("accuracy", "Validation metric that picks the best checkpoint.")
-    save_top_k: int = _help(1, "Best checkpoints kept in the run folder during training.")
-    checkpoint_every_steps: int = _help(
+    epochs: int = setting(5, "Training epochs.")
+    batch_size: int = setting(32, "Examples per optimizer step, all processes together (before accumulation).")
+    eval_batch_size: int = setting(EVAL_BATCH_SIZE, "Examples per evaluation batch (length-sorted).")
+    learning_rate: float | None = setting(
+        None, "Peak learning rate. Default per method: full 1e-4, lora/dora/adalora 5e-3.")
+    head_learning_rate: float | None = setting(None, "Learning rate of the head; default learning_rate.")
+    weight_decay: float = setting(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
+    warmup_ratio: float = setting(0.06, "Fraction of optimizer steps with linear warmup.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = setting("linear", "Schedule after warmup.")
+    gradient_accumulation_steps: int = setting(1, "Batches accumulated per optimizer step.")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 disables).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
+        "auto", "Mixed precision: auto is bf16 on a GPU that supports it, else fp32.")
+    eval_every_steps: int = setting(0, "Evaluate every N optimizer steps; 0 evaluates once per epoch.")
+    metric_for_best: Literal["accuracy", "f1", "loss"] = setting(
+        "accuracy", "Validation metric that picks the best checkpoint.")
+    save_top_k: int = setting(1, "Best checkpoints kept in the run folder during training.")
+    checkpoint_every_steps: int = setting(
         0, "Also save the resume state every N optimizer steps; 0 saves it after each evaluation only.")
-    early_stopping_patience: int = _help(0, "Stop after N evaluations without improvement; 0 disables.")
-    final_epoch_on_train_and_validation: bool = _help(
-        False, "After training, one more epoch on train+validation at the final learning rate (seed 003)."
-    )
-    seed: int = _help(42, "Seed for splits, initialisation and data order.")
-    num_threads: int = _help(0, "CPU threads for torch; 0 keeps torch's choice.")
-    fast_dropout: bool = _help(
+    early_stopping_patience: int = setting(0, "Stop after N evaluations without improvement; 0 disables.")
+    final_epoch_on_train_and_validation: bool = setting(
+        False, "After training, one more epoch on train+validation at a tenth of the peak learning rate, "
+        "to use the validation examples too.")
+    seed: int = setting(42, "Seed for splits, initialisation and data order.")
+    num_threads: int = setting(0, "CPU threads for torch; 0 keeps torch's choice.")
+    fast_dropout: bool = setting(
         True, "Draw dropout masks with torch.rand instead of bernoulli_ (about 10 % faster training on CPU; the "
         "same distribution, another random stream). false: nn.Dropout's own masks.")
-    max_steps: int | None = _help(None, "Stop after this many optimizer steps (smoke tests).")
-    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list, metadata={
-        "help": "Experiment trackers that receive each evaluation, the test metrics and the hyperparameters: "
-                "tensorboard, mlflow, wandb (each an extra: pip install 'peftlab[mlflow]')."})
-    tracking_dir: str | None = _help(
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps (smoke tests).")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = setting(
+        [], "Experiment trackers that receive each evaluation, the test metrics and the hyperparameters: "
+            "tensorboard, mlflow, wandb (each an extra: pip install 'peftlab[mlflow]').")
+    tracking_dir: str | None = setting(
         None, "Folder for the trackers' local files (TensorBoard events, MLflow file store, W&B offline runs); "
         "default <run>/tracking.")
-    tracking_project: str = _help("peftlab", "MLflow experiment and W&B project name.")
+    tracking_project: str = setting("peftlab", "MLflow experiment and W&B project name.")
 
 
 @dataclass
@@ -141,8 +137,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    output_dir: str = _help("runs", "Folder in which run folders are created.")
-    run_name: str | None = _help(None, "Run folder name; default <dataset>-<method>-<time>.")
+    output_dir: str = setting("runs", "Folder in which run folders are created.")
+    run_name: str | None = setting(None, "Run folder name; default <dataset>-<method>-<time>.")
 
     @property
     def learning_rate(self) -> float:
@@ -150,104 +146,74 @@ class Config:
         return self.train.learning_rate or DEFAULT_LEARNING_RATE[self.adapter.method]
 
 
-# ---------------------------------------------------------------- type checking
+@dataclass
+class ServeLimits:
+    """Request and batching limits; YAML ``limits:`` keys and CLI flags use these names."""
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(tp)))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-            type(None): "null"}.get(tp, str(tp))
-
-
-def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Return (ok, value) where value is converted to ``tp`` if it fits."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if isinstance(value, str) and "," in value:  # "query,value" means a list where one is allowed
-            args = sorted(args, key=lambda a: typing.get_origin(a) is not list)
-        for arg in args:
-            ok, v = _coerce(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if origin is Literal:
-        return (value in typing.get_args(tp)), value
-    if origin is list:
-        if isinstance(value, str):  # key=a,b on the command line
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            return False, value
-        out = []
-        for v in value:
-            ok, v = _coerce(v, typing.get_args(tp)[0])
-            if not ok:
-                return False, value
-            out.append(v)
-        return True, out
-    if tp is type(None):
-        return value is None, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    return False, value
+    max_texts_per_request: int = setting(64, "texts per request")
+    max_chars_per_text: int = setting(2000, "characters per text")
+    max_body_bytes: int = setting(1_000_000, "request body size in bytes")
+    max_batch_texts: int = setting(128, "texts per model call, over the requests it combines")
+    # 0 by default: measured on 2 CPU cores (bench/serve.py, MiniLM), 5 ms cost latency at every concurrency
+    # and gained no throughput, since requests that arrive while a batch runs are combined anyway and CPU
+    # cost grows with batch size.
+    max_wait_ms: float = setting(
+        0, "how long a batch waits for more requests (0: requests that arrive while the model is busy form "
+           "the next batch)")
 
 
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" — did you mean '{close[0]}'?" if close else ""
+def make_limits(values: dict | None = None, source: str | None = None) -> ServeLimits:
+    """ServeLimits from a dict, refusing unknown keys, wrong types and values out of range."""
+    problems: list[str] = []
+    notes: list[str] = []
+    limits = schema.build(ServeLimits, values or {}, "limits.", problems, notes)
+    for key, value in asdict(limits).items():
+        if key == "max_wait_ms" and value < 0:  # the only float: 0 turns the collection window off
+            problems.append(f"limits.max_wait_ms must be a number >= 0, not {value:g}")
+        elif key != "max_wait_ms" and value < 1:
+            problems.append(f"limits.{key} must be an integer >= 1, not {value!r}")
+    if problems:
+        raise ConfigError(problems, source, notes)
+    return limits
 
 
-def _build(cls, data: Any, prefix: str, problems: list[str]):
-    if not isinstance(data, dict):
-        problems.append(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if key not in fields:
-            problems.append(f"unknown key '{name}'{_did_you_mean(name, [prefix + f for f in fields])}"
-                            f" (allowed: {', '.join(fields)})")
-            continue
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, f"{name}.", problems)
-            continue
-        ok, coerced = _coerce(value, tp)
-        if not ok:
-            hint = ""
-            if typing.get_origin(tp) is Literal or any(
-                typing.get_origin(a) is Literal for a in typing.get_args(tp)
-            ):
-                lits = [x for a in [tp, *typing.get_args(tp)] if typing.get_origin(a) is Literal
-                        for x in typing.get_args(a)]
-                # a list (or key=a,b) is judged by its first bad item: did-you-mean for 'mlfow', not the list
-                items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
-                bad = next((str(v).strip() for v in items if str(v).strip() not in map(str, lits)), value)
-                hint = _did_you_mean(bad, lits)
-            problems.append(f"{name}: expected {_type_name(tp)}, got {value!r}{hint}")
-            continue
-        kwargs[key] = coerced
-    return cls(**kwargs)
+# Names other tools use for our keys (transformers' TrainingArguments, PEFT, common notebooks).
+ALIASES = {
+    "train.lr": "train.learning_rate", "train.num_train_epochs": "train.epochs", "train.num_epochs": "train.epochs",
+    "train.per_device_train_batch_size": "train.batch_size", "train.lr_scheduler_type": "train.lr_scheduler",
+    "train.per_device_eval_batch_size": "train.eval_batch_size", "train.fp16": "train.precision",
+    "train.bf16": "train.precision", "model.max_length": "model.max_length_tokens",
+    "model.model_name_or_path": "model.name", "adapter.rank": "adapter.r", "adapter.alpha": "adapter.lora_alpha",
+    "adapter.dropout": "adapter.lora_dropout", "adapter.peft_type": "adapter.method",
+    "adapter.base_model_name_or_path": "model.name",
+}
+
+
+def _peft_keys(adapter: dict, problems: list[str]) -> dict:
+    """The ``adapter`` section with keys pasted from a PEFT LoraConfig/AdaLoraConfig taken or explained:
+    values peftlab always uses are accepted and dropped, the others are problems that say why."""
+    out = dict(adapter)
+    task = out.pop("task_type", "SEQ_CLS")
+    if str(task).upper().removeprefix("TASKTYPE.") != "SEQ_CLS":
+        problems.append(f"adapter.task_type: peftlab trains sequence classifiers, always task_type SEQ_CLS "
+                        f"(got {task!r}); remove the key")
+    for key, usual, why in (
+            ("inference_mode", False, "peftlab trains with it off and loads saved adapters with it on"),
+            ("fan_in_fan_out", False, "it is for GPT-2-style Conv1D layers; encoders use nn.Linear")):
+        if key in out and out.pop(key) != usual:
+            problems.append(f"adapter.{key}: {why}; remove the key")
+    if "total_step" in out:
+        out.pop("total_step")
+        problems.append("adapter.total_step: peftlab counts AdaLoRA's total_step itself (optimizer steps from "
+                        "train.epochs, train.batch_size and the data); remove the key")
+    init = out.get("init_lora_weights")
+    if init is True:
+        out["init_lora_weights"] = "default"  # PEFT's True is its default initialisation
+    elif init is False:
+        out.pop("init_lora_weights")
+        problems.append("adapter.init_lora_weights: false (PEFT's random non-zero start, meant for its tests) is "
+                        "not offered; use default, gaussian, pissa or olora")
+    return out
 
 
 def _check(cfg: Config, problems: list[str]) -> None:
@@ -263,11 +229,10 @@ def _check(cfg: Config, problems: list[str]) -> None:
                             "initialises its own SVD triplets — use method=lora or init_lora_weights=default")
         if a.deltaT < 1:
             problems.append("adapter.deltaT must be at least 1")
-        for key in ("tinit", "tfinal"):
+        for key, low in (("tinit", 0), ("tfinal", 1)):
             value = getattr(a, key)
-            if value is not None and value < (1 if key == "tfinal" else 0):
-                problems.append(f"adapter.{key} must be {'at least 1' if key == 'tfinal' else 'non-negative'}"
-                                f" (got {value})")
+            if value is not None and value < low:
+                problems.append(f"adapter.{key} must be {'at least 1' if low else 'non-negative'} (got {value})")
     for key in ("r", "init_r", "target_r"):
         if getattr(a, key) < 1:
             problems.append(f"adapter.{key} must be at least 1 (got {getattr(a, key)})")
@@ -282,19 +247,40 @@ def _check(cfg: Config, problems: list[str]) -> None:
             problems.append(f"train.{key} must be positive (got {value})")
     if not 0 <= t.warmup_ratio < 1:
         problems.append(f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
-    if min(t.eval_every_steps, t.early_stopping_patience, t.num_threads, t.checkpoint_every_steps) < 0:
-        problems.append("train.eval_every_steps, early_stopping_patience, num_threads and checkpoint_every_steps "
-                        "must be non-negative")
+    for key in ("eval_every_steps", "early_stopping_patience", "num_threads", "checkpoint_every_steps"):
+        if getattr(t, key) < 0:
+            problems.append(f"train.{key} must be non-negative (got {getattr(t, key)})")
     if cfg.model.max_length_tokens < 8:
         problems.append(f"model.max_length_tokens must be at least 8 (got {cfg.model.max_length_tokens})")
     if d.validation_size <= 0:
-        problems.append(f"data.validation_size must be positive (got {d.validation_size})")
+        problems.append(f"data.validation_size must be positive (got {d.validation_size:g})")
     if d.dataset is None and d.train_file is None:
         problems.append("data: give data.dataset (banking77, ag_news) or data.train_file")
     if d.dataset is not None and d.train_file is not None:
         problems.append("data: give either data.dataset or data.train_file, not both")
     if d.train_file is not None and d.test_file is None:
         problems.append("data.test_file is required with data.train_file")
+
+
+def data_dir(cfg: DataConfig) -> Path | None:
+    """The folder of built-in datasets: data.data_dir, else $PEFTLAB_DATA_DIR, else none (the hub)."""
+    d = cfg.data_dir or os.environ.get(DATA_DIR_ENV)
+    return Path(d).expanduser() if d else None
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with every location absolute — a local model folder, the data folder (from $PEFTLAB_DATA_DIR
+    when data.data_dir is unset) and data files — as a run records it, so that the run reads the same files
+    from any working directory later."""
+    def absolute(p: str | Path | None) -> str | None:
+        return str(Path(p).expanduser().resolve()) if p else None
+
+    d = cfg.data
+    data = dataclasses.replace(d, data_dir=absolute(data_dir(d)), train_file=absolute(d.train_file),
+                               validation_file=absolute(d.validation_file), test_file=absolute(d.test_file))
+    local_model = cfg.model.name != "default" and Path(cfg.model.name).expanduser().exists()
+    model = dataclasses.replace(cfg.model, name=absolute(cfg.model.name)) if local_model else cfg.model
+    return dataclasses.replace(cfg, model=model, data=data)
 
 
 def check_adalora_schedule(adapter: AdapterConfig, total_steps: int) -> tuple[int, int]:
@@ -304,8 +290,7 @@ def check_adalora_schedule(adapter: AdapterConfig, total_steps: int) -> tuple[in
     if tinit + tfinal >= total_steps:
         raise ConfigError(
             f"adapter.tinit + adapter.tfinal ({tinit} + {tfinal}) must be less than the total optimizer steps "
-            f"({total_steps}): lower them, or train for more steps (train.epochs, smaller train.batch_size)"
-        )
+            f"({total_steps}): lower them, or train for more steps (train.epochs, smaller train.batch_size)")
     return tinit, tfinal
 
 
@@ -327,38 +312,31 @@ def parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, section by section (nested dicts merge, everything else replaces)."""
     merged = dict(base)
     for k, v in extra.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        merged[k] = merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
     return merged
 
 
-def from_dict(data: dict) -> Config:
+def from_dict(data: dict, source: str | None = None) -> Config:
+    """A validated Config from nested dicts; every problem is collected into one ConfigError."""
     problems: list[str] = []
-    section = data.get("data") if isinstance(data, dict) else None
-    if isinstance(section, dict) and section.get("train_file") and "dataset" not in section:
-        data = _merge(data, {"data": {"dataset": None}})  # a train_file replaces the default built-in dataset
-    cfg = _build(Config, data, "", problems)
+    notes: list[str] = []
+    if isinstance(data, dict):
+        section = data.get("data")
+        if isinstance(section, dict) and section.get("train_file") and "dataset" not in section:
+            data = merge(data, {"data": {"dataset": None}})  # a train_file replaces the default built-in dataset
+        if isinstance(data.get("adapter"), dict):
+            data = {**data, "adapter": _peft_keys(data["adapter"], problems)}
+    cfg = schema.build(Config, data, "", problems, notes, ALIASES)
     _check(cfg, problems)  # fields with a bad type kept their valid defaults, so this adds no false alarms
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, source, notes)
     if cfg.adapter.method == "dora":
         cfg.adapter.use_dora = True
     return cfg
-
-
-def read_yaml(path: Path, what: str, shape: str = "a mapping of keys") -> dict:
-    """A YAML mapping from ``path``; a missing file, bad YAML or another shape is a one-line ConfigError."""
-    if not path.is_file():
-        raise ConfigError(f"{what} '{path}' not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{what} '{path}' must hold {shape}")
-    return raw
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -367,7 +345,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     if path is not None:
         data = read_yaml(Path(path), "config file", "a mapping of sections (model, data, adapter, train)")
         data.pop(RUN_RECORD_KEY, None)  # a run folder's config.yaml re-runs as is
-    return from_dict(_merge(data, parse_overrides(overrides or [])))
+    return from_dict(merge(data, parse_overrides(overrides or [])), str(path) if path is not None else None)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -379,25 +357,8 @@ def dump(cfg: Config) -> str:
 
 
 def describe() -> list[tuple[str, Any, str]]:
-    """Every key with its default and help, for ``peftlab config --help-keys`` and the docs."""
-    rows = []
-
-    def walk(cls, prefix):
-        for f in dataclasses.fields(cls):
-            tp = typing.get_type_hints(cls)[f.name]
-            if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{f.name}.")
-            else:
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
-
-    walk(Config, "")
-    return rows
-
-
-# Where a run runs and where trackers write does not change a result: not part of a cell's identity.
-NOT_IDENTITY = {"data.data_dir", "output_dir", "run_name", "train.num_threads", "train.report_to",
-                "train.tracking_dir", "train.tracking_project", "train.checkpoint_every_steps"}
+    """Every key with its default and help, for ``peftlab keys`` and the docs."""
+    return schema.describe(Config)
 
 
 def dotted(nested: dict, prefix: str = "") -> dict:
@@ -408,22 +369,6 @@ def dotted(nested: dict, prefix: str = "") -> dict:
     return out
 
 
-def differences(cfg: Config, recorded: dict) -> list[str]:
-    """Keys where a run's config.yaml differs from what the cell asks for (resolved values the
-    run filled in itself — learning-rate default, AdaLoRA schedule, local model path — are matched)."""
-    want = dotted(to_dict(cfg))
-    have = dotted({k: v for k, v in recorded.items() if k != RUN_RECORD_KEY})
-    want["train.learning_rate"] = cfg.learning_rate
-    if cfg.model.name != "default" and Path(cfg.model.name).expanduser().exists():
-        want["model.name"] = str(Path(cfg.model.name).expanduser().resolve())
-    out = []
-    for key, value in want.items():
-        # keys a run's config.yaml lacks came with a later peftlab: the run cannot have differed in them
-        if key in NOT_IDENTITY or key not in have or (key in ("adapter.tinit", "adapter.tfinal") and value is None):
-            continue
-        got = have.get(key)
-        same = (math.isclose(value, got) if isinstance(value, float) and isinstance(got, (int, float))
-                else value == got)
-        if not same:
-            out.append(f"{key} {got!r} → {value!r}")
-    return out
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is off limits (HF_HUB_OFFLINE, as huggingface_hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")

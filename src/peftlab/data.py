@@ -6,22 +6,21 @@ the mapping saved with a run is the single source of truth for every later stage
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from .config import DataConfig
-from .errors import DataError
+from .config import DATA_DIR_ENV, DataConfig, data_dir, hub_offline
+from .errors import DataError, did_you_mean, plural
+from .labels import LabelMap
 
 log = logging.getLogger("peftlab")
-
-DATA_DIR_ENV = "PEFTLAB_DATA_DIR"
 
 # Built-in datasets: where their files sit under a data directory, their columns, and the hub copy
 # used when no local copy exists and the hub is reachable.
@@ -44,34 +43,6 @@ AG_NEWS_OFFLINE_NOTE = ("ag_news offline variant: train/validation/test cut (str
 
 
 @dataclass
-class LabelMap:
-    names: list[str]
-
-    def __post_init__(self):
-        self.ids = {name: i for i, name in enumerate(self.names)}
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.names))
-
-    def encode(self, labels) -> list[int]:
-        return [self.ids[str(x)] for x in labels]
-
-    def save(self, path: Path) -> None:
-        from .runs import write_json  # local import keeps this module free of run-folder concerns
-
-        write_json(path, {"id2label": {str(i): n for i, n in enumerate(self.names)}})
-
-    @classmethod
-    def load(cls, path: Path) -> LabelMap:
-        raw = json.loads(Path(path).read_text())["id2label"]
-        return cls([raw[str(i)] for i in range(len(raw))])
-
-
-@dataclass
 class Splits:
     train: pd.DataFrame
     validation: pd.DataFrame
@@ -79,9 +50,45 @@ class Splits:
     labels: LabelMap
     name: str
     notes: list[str] = field(default_factory=list)
+    files: dict[str, dict] = field(default_factory=dict)  # what was read: role → path, size, SHA-256
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+
+    def label_counts(self) -> dict[str, dict[str, int]]:
+        """Examples per label name in each split (the report plots test F1 against training examples)."""
+        out = {}
+        for split, frame in (("train", self.train), ("validation", self.validation), ("test", self.test)):
+            counts = frame.label.astype(str).value_counts()
+            out[split] = {name: int(counts.get(name, 0)) for name in self.labels.names}
+        return out
+
+
+def columns(cfg: DataConfig) -> tuple[list[str], str]:
+    """(text columns, label column) of the configured data: the keys if set, else the built-in dataset's
+    own, else ['text'] and 'label' — the one place these defaults live."""
+    spec = BUILTINS.get(cfg.dataset or "", {})
+    return (list(cfg.text_columns or spec.get("text_columns", ["text"])),
+            cfg.label_column or spec.get("label_column", "label"))
+
+
+def file_record(path: Path) -> dict:
+    """What identifies a data file's content: absolute path, size in bytes and SHA-256."""
+    p = Path(path).resolve()
+    return {"path": str(p), "bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+
+
+def changed_files(recorded: dict[str, dict]) -> list[str]:
+    """One line per recorded data file that is gone or no longer has the recorded content."""
+    out = []
+    for role, rec in recorded.items():
+        p = Path(rec["path"])
+        if not p.is_file():
+            out.append(f"{role} file '{p}' is gone")
+        elif file_record(p)["sha256"] != rec["sha256"]:
+            out.append(f"{role} file '{p}' changed since training ({rec['bytes']:,} bytes then, "
+                       f"{p.stat().st_size:,} now; SHA-256 differs)")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -188,7 +195,8 @@ def stratified_take(df: pd.DataFrame, n: float, seed: int) -> tuple[pd.DataFrame
 
     size = int(n) if n >= 1 else n
     if (size if isinstance(size, int) else round(size * len(df))) >= len(df):
-        raise DataError(f"cannot take {n} examples out of {len(df)}: lower data.validation_size or the subset size")
+        what = f"{size:,} examples" if isinstance(size, int) else f"{size:g} of the examples"
+        raise DataError(f"cannot take {what} out of {len(df):,}: lower data.validation_size or the subset size")
     counts = df["label"].value_counts()
     stratify = df["label"] if counts.min() >= 2 else None
     try:
@@ -198,31 +206,23 @@ def stratified_take(df: pd.DataFrame, n: float, seed: int) -> tuple[pd.DataFrame
     return rest.reset_index(drop=True), taken.reset_index(drop=True)
 
 
-def data_dir(cfg: DataConfig) -> Path | None:
-    d = cfg.data_dir or os.environ.get(DATA_DIR_ENV)
-    return Path(d).expanduser() if d else None
-
-
-def _hub_reachable() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False")
-
-
-def _load_builtin(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], list[str] | None, list[str]]:
+def _load_builtin(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], list[str] | None, list[str], dict[str, dict]]:
     spec = BUILTINS[cfg.dataset]
-    text_cols = cfg.text_columns or spec["text_columns"]
-    label_col = cfg.label_column or spec["label_column"]
+    text_cols, label_col = columns(cfg)
     root = data_dir(cfg)
     notes: list[str] = []
     folder = root / cfg.dataset if root else None
     if folder is not None and (folder / spec["test"]).is_file():
-        frames = {}
+        frames, files = {}, {}
         for split in ("train", "test"):
             f = folder / spec[split]
             if f.is_file():
                 frames[split] = to_frame(read_table(f), text_cols, label_col, str(f), spec.get("clean", False))
+                files[split] = file_record(f)
         names = spec.get("labels")
         if spec.get("labels_file") and (folder / spec["labels_file"]).is_file():
             names = json.loads((folder / spec["labels_file"]).read_text())
+            files["labels"] = file_record(folder / spec["labels_file"])
         if "train" not in frames:
             if cfg.dataset != "ag_news":
                 raise DataError(f"{folder / spec['train']} not found")
@@ -230,9 +230,9 @@ def _load_builtin(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], list[str] |
             rest, test = stratified_take(frames["test"], AG_NEWS_OFFLINE_TEST_FRACTION, seed=0)
             frames = {"train": rest, "test": test}
             notes.append(AG_NEWS_OFFLINE_NOTE)
-        return frames, names, notes
-    if _hub_reachable():
-        return _load_from_hub(spec, cfg.dataset), None, notes
+        return frames, names, notes, files
+    if not hub_offline():
+        return _load_from_hub(spec, cfg.dataset), None, notes, {}
     where = f"under '{root}'" if root else "(no data directory given)"
     raise DataError(f"dataset {cfg.dataset!r} not found {where}: pass --data-dir DIR (holding {cfg.dataset}/"
                     f"{spec['test']}) or set ${DATA_DIR_ENV}; the hub is offline")
@@ -254,35 +254,41 @@ def _load_from_hub(spec: dict, name: str) -> dict[str, pd.DataFrame]:  # pragma:
     return frames
 
 
+def read_labelled(path: str | Path, cfg: DataConfig, require_labels: bool = True) -> pd.DataFrame:
+    """A text/label frame from one file with the run's columns (``peftlab evaluate --data``, export's
+    parity texts); without ``require_labels`` a file lacking the label column gives texts only."""
+    table = read_table(path)
+    text_cols, label_col = columns(cfg)
+    has_labels = require_labels or label_col in table.columns
+    return to_frame(table, text_cols, label_col if has_labels else None, str(path))
+
+
 def load(cfg: DataConfig, seed: int) -> Splits:
     """Load, clean and split the configured data; raise DataError naming any problem."""
     notes: list[str] = []
     names: list[str] | None = None
+    text_cols, label_col = columns(cfg)
     if cfg.dataset is not None:
         if cfg.dataset not in BUILTINS:
-            import difflib
-
-            close = difflib.get_close_matches(cfg.dataset, BUILTINS, n=1)
-            hint = f" — did you mean '{close[0]}'?" if close else ""
-            raise DataError(f"unknown dataset {cfg.dataset!r}{hint} (built-in: {', '.join(BUILTINS)}; "
-                            "or give data.train_file)")
-        frames, names, notes = _load_builtin(cfg)
+            raise DataError(f"unknown dataset {cfg.dataset!r}{did_you_mean(cfg.dataset, BUILTINS)} (built-in: "
+                            f"{', '.join(BUILTINS)}; or give data.train_file)")
+        frames, names, notes, files = _load_builtin(cfg)
         name = cfg.dataset + ("-offline" if notes else "")
     else:
-        text_cols, label_col = cfg.text_columns or ["text"], cfg.label_column or "label"
         frames = {"train": to_frame(read_table(cfg.train_file), text_cols, label_col, cfg.train_file),
                   "test": to_frame(read_table(cfg.test_file), text_cols, label_col, cfg.test_file)}
+        files = {"train": file_record(cfg.train_file), "test": file_record(cfg.test_file)}
         name = Path(cfg.train_file).stem
     if cfg.validation_file:
-        text_cols = cfg.text_columns or ["text"]
-        frames["validation"] = to_frame(read_table(cfg.validation_file), text_cols, cfg.label_column or "label",
-                                        cfg.validation_file)
+        frames["validation"] = to_frame(read_table(cfg.validation_file), text_cols, label_col, cfg.validation_file)
+        files["validation"] = file_record(cfg.validation_file)
     train, test = frames["train"], frames["test"]
     seen = set(train["label"])
     unseen = sorted(set(test["label"]) - seen)
     if unseen:
         raise DataError(f"test labels not in the training data: {', '.join(unseen[:5])}"
-                        f"{' …' if len(unseen) > 5 else ''} ({len(unseen)} label{'s' if len(unseen) > 1 else ''}); fix the label column or the files")
+                        f"{' …' if len(unseen) > 5 else ''} ({plural(len(unseen), 'label')}); fix the label column "
+                        "or the files")
     if train["label"].nunique() < 2:
         raise DataError(f"the training data has one label ({train['label'].iloc[0]!r}); classification needs at "
                         "least 2 — check data.label_column")
@@ -297,8 +303,7 @@ def load(cfg: DataConfig, seed: int) -> Splits:
     else:
         train, validation = stratified_take(train, cfg.validation_size, seed)
     labels = LabelMap(list(names))
-    for split_name, df in (("validation", validation),):
-        extra = sorted(set(df["label"]) - set(labels.names))
-        if extra:
-            raise DataError(f"{split_name} labels not in the training data: {', '.join(extra[:5])}")
-    return Splits(train, validation, test, labels, name, notes)
+    extra = sorted(set(validation["label"]) - set(labels.names))
+    if extra:
+        raise DataError(f"validation labels not in the training data: {', '.join(extra[:5])}")
+    return Splits(train, validation, test, labels, name, notes, files)

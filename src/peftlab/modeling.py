@@ -8,22 +8,26 @@ gives the same logits, AdaLoRA's total_step, and honest parameter accounting.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-import os
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import AdapterConfig, ModelConfig
-from .errors import ConfigError
+from .config import AdapterConfig, ModelConfig, hub_offline
+from .errors import ConfigError, RunError
+from .files import atomic_folder
+from .labels import LabelMap
 
 log = logging.getLogger("peftlab")
 
 DEFAULT_MODEL_NAME = "default"
 
-# Attention query/value projections per architecture (model_type from config.json). The seeds' and the
-# LoRA paper's choice; 'all-linear' is available when more capacity is wanted.
+# Attention query/value projections per architecture (model_type from config.json): the LoRA paper's
+# choice (Hu et al., 2021) and the usual one in PEFT examples; 'all-linear' when more capacity is wanted.
 AUTO_TARGETS = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
@@ -52,7 +56,7 @@ def resolve_backbone(name: str) -> str:
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.name: folder '{path}' has no config.json — give a Hugging Face model folder")
         return str(path.resolve())
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or name.startswith((".", "/")):
+    if hub_offline() or name.startswith((".", "/")):
         raise ConfigError(f"model.name: '{name}' is not a local folder and the hub is offline; "
                           "give a model folder or model.name=default")
     return name
@@ -99,8 +103,6 @@ def check_backbone(cfg: ModelConfig) -> str:
             raise ConfigError(f"model.name: '{folder}' has no .safetensors weights{f' (only {other[0]})' if other else ''}; "
                               "peftlab loads weights only from safetensors — convert them once where you trust the "
                               "file: AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
-        import json
-
         auto_map = json.loads((folder / "config.json").read_text()).get("auto_map")
         if auto_map and not cfg.trust_remote_code:
             raise ConfigError(f"model.name: '{folder}' ships its own model code ({', '.join(sorted(set(auto_map.values())))}); "
@@ -141,7 +143,7 @@ def peft_config(adapter: AdapterConfig, targets, modules_to_save: list[str], tot
     from peft import AdaLoraConfig, LoraConfig, TaskType
 
     common = dict(task_type=TaskType.SEQ_CLS, target_modules=targets, lora_alpha=adapter.lora_alpha,
-                  lora_dropout=adapter.lora_dropout, modules_to_save=modules_to_save or None)
+                  lora_dropout=adapter.lora_dropout, bias=adapter.bias, modules_to_save=modules_to_save or None)
     if adapter.method == "adalora":
         if total_steps is None or schedule is None:
             raise ValueError("AdaLoRA needs total_steps and (tinit, tfinal)")
@@ -175,7 +177,7 @@ def build(model_cfg: ModelConfig, adapter: AdapterConfig, id2label: dict[int, st
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total), counting each tensor once — the figures the seeds print."""
+    """(trainable, total), counting each tensor once — PEFT's print_trainable_parameters figures."""
     if hasattr(model, "get_nb_trainable_parameters"):
         return model.get_nb_trainable_parameters()
     total = sum(p.numel() for p in model.parameters())
@@ -218,6 +220,143 @@ def trainable_state(model: nn.Module, copy: bool = True) -> dict[str, torch.Tens
     """Tensors that training changes (the checkpoint content; frozen weights never change). ``copy=False``
     for writing them out at once: CPU tensors are then the parameters themselves, no second copy."""
     return {n: p.detach().to("cpu", copy=copy).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable tensors (trainable_state's names) into ``model``'s parameters, in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t.to(params[name].device))
+
+
+# ------------------------------------------------------------------------------------ AdaLoRA internals
+# What the loop and its checkpoints need from PEFT's AdaLoRA, by name: the rank allocator's importance
+# scores, the rank pattern (which singular values are kept), and the allocation call itself.
+
+ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def adalora_allocate(model, step: int) -> None:
+    """AdaLoRA's importance update and rank allocation for optimizer step ``step`` (0-based). It needs this
+    step's gradients: call it after optimizer.step() and before zero_grad() (peft AdaLoraModel docs). The
+    transformers Trainer never calls it, which is why AdaLoRA under the Trainer trains at fixed rank."""
+    model.base_model.update_and_allocate(step)
+
+
+def adalora_rank_budget(model) -> int:
+    """Kept singular values over all modules. PEFT has no rank pattern before its first allocation: every
+    module still has init_r, which is the allocator's init_bgt."""
+    pattern = rank_pattern(model)
+    return sum(map(sum, pattern.values())) if pattern else model.base_model.rankallocator.init_bgt
+
+
+def rank_pattern(model) -> dict | None:
+    """AdaLoRA's mask of kept singular values per module (None before the first allocation)."""
+    return model.peft_config["default"].rank_pattern
+
+
+def set_rank_pattern(model, pattern: dict | None) -> None:
+    """Restore a saved rank pattern; the mask itself lives in lora_E, restored with the weights."""
+    model.peft_config["default"].rank_pattern = pattern
+
+
+def allocator_state(model) -> dict[str, dict[str, torch.Tensor]]:
+    """The rank allocator's importance scores and their moving averages, by kind and module."""
+    allocator = model.base_model.rankallocator
+    return {kind: dict(getattr(allocator, kind)) for kind in ALLOCATOR_STATE}
+
+
+def restore_allocator_state(model, state: dict[str, dict[str, torch.Tensor]], device) -> None:
+    allocator = model.base_model.rankallocator
+    for kind in ALLOCATOR_STATE:
+        getattr(allocator, kind).clear()
+        getattr(allocator, kind).update({n: t.to(device) for n, t in state[kind].items()})
+
+
+# ------------------------------------------------------------------------------------- saving and loading
+
+def save_initial_adapter(model, folder: Path) -> None:
+    """PiSSA/OLoRA rewrite the base weights; saving the initial adapter lets PEFT convert the trained one into
+    a plain LoRA adapter that loads on the *original* backbone (peft docs, PiSSA). ``folder``'s name becomes a
+    PEFT adapter name: no dots."""
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    model.save_pretrained(folder)
+    config.init_lora_weights = init
+
+
+def save_model(model, tokenizer, folder: Path, initial_adapter: Path | None = None) -> None:
+    """Full fine-tuning: a transformers model folder; PEFT methods: the standard adapter layout. With
+    ``initial_adapter`` (PiSSA/OLoRA), the adapter converted to plain LoRA on the original backbone."""
+    with atomic_folder(folder) as tmp:
+        if initial_adapter is not None:
+            _save_converted(model, tmp, initial_adapter)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def _save_converted(model, folder: Path, initial_adapter: Path) -> None:
+    """PEFT's conversion (peft 0.21) writes only the lora_A/lora_B deltas and drops modules_to_save — the
+    trained head — so a reload would get a random classifier. Put those tensors back."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(initial_adapter))
+    shutil.rmtree(initial_adapter, ignore_errors=True)
+    weights = folder / "adapter_model.safetensors"
+    state = load_file(weights)
+    for key, tensor in get_peft_model_state_dict(model).items():
+        if "lora_" not in key and key not in state:
+            state[key] = tensor.detach().cpu().contiguous()
+    save_file(state, weights, metadata={"format": "pt"})
+
+
+def load_classifier(folder: str | Path, labels: LabelMap | None = None):
+    """A transformers sequence classifier from a model folder, safetensors only; with ``labels``, a fresh head
+    of that size named with them (the base of an adapter)."""
+    from transformers import AutoModelForSequenceClassification
+
+    names = {} if labels is None else {"num_labels": len(labels), "id2label": labels.id2label,
+                                       "label2id": labels.label2id}
+    return AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True, **names)
+
+
+@contextlib.contextmanager
+def _quiet_rank_pattern():
+    # AdaLoRA's saved rank_pattern keys end in '.lora_E', which PEFT's generic pattern check reports as
+    # unmatched; AdaLoRA applies them itself right after (resize_modules_by_rank_pattern).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*rank_pattern keys did not match.*")
+        yield
+
+
+def _check_adapter_weights(folder: Path) -> None:
+    if not (Path(folder) / "adapter_model.safetensors").is_file():
+        raise RunError(f"'{folder}' has no adapter_model.safetensors (peftlab loads weights only from safetensors)")
+
+
+def load_adapter_model(backbone: str, adapter_folder: Path, labels: LabelMap, adapter_name: str = "default"):
+    """Base model + one adapter through plain PEFT, ready for inference."""
+    from peft import PeftModel
+
+    _check_adapter_weights(adapter_folder)
+    with _quiet_rank_pattern():
+        model = PeftModel.from_pretrained(load_classifier(backbone, labels), adapter_folder, adapter_name=adapter_name)
+    return model.eval()
+
+
+def add_adapter(model, adapter_folder: Path, adapter_name: str) -> None:
+    """Load another adapter onto a PeftModel that already holds one (same base, same head shape)."""
+    _check_adapter_weights(adapter_folder)
+    with _quiet_rank_pattern():
+        model.load_adapter(adapter_folder, adapter_name=adapter_name, is_trainable=False)
+
+
+def peft_type(adapter_folder: Path) -> str | None:
+    """LORA, ADALORA, … from an adapter folder's adapter_config.json."""
+    return json.loads((Path(adapter_folder) / "adapter_config.json").read_text()).get("peft_type")
 
 
 @contextlib.contextmanager

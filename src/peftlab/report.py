@@ -1,6 +1,7 @@
-"""A run's report, from its folder alone: report.md (the seeds' per-epoch table and the summary they
-assemble by hand, plus plots) and report.html (the same tables, the plots inlined as data: URIs, so it
-opens anywhere without a server). Written at the end of `train`; `peftlab report RUN` writes it again.
+"""A run's report, from its folder alone: report.md (the per-epoch table that fine-tuning write-ups
+paste from the Trainer — Epoch | Training Loss | Validation Loss | Accuracy | F1 — the summary they
+assemble by hand, plots) and report.html (the same tables, the plots inlined as data: URIs, so it opens
+anywhere without a server). Written at the end of `train`; `peftlab report RUN` writes it again.
 
 No torch import. matplotlib is imported inside the plotting functions and used through its
 object-oriented API (Figure + Agg) rather than pyplot: no display is needed, and a notebook's pyplot
@@ -12,14 +13,14 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import re
 from pathlib import Path
 
-from .runs import LABELS, METRICS, SUMMARY, open_run, read_jsonl, write_bytes, write_text
+from .files import read_json, read_jsonl, write_bytes, write_text
+from .labels import LabelMap
+from .rundir import METRICS, PLOTS, SUMMARY, TEST_METRICS, open_run
 
-PLOTS = "plots"  # PNG folder inside the run
 TOP_CONFUSED_PAIRS = 15
 MAX_CLASSES_FOR_HEATMAP = 20  # beyond this a confusion heatmap is unreadable; the pairs chart remains
 LABELLED_WORST_CLASSES = 8
@@ -70,7 +71,7 @@ def rank_grid(final_ranks: dict[str, int]):
 
 # ---------------------------------------------------------------------------------------- plots
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
@@ -78,7 +79,7 @@ def _figure(width: float, height: float):
 
 
 def plot_validation(history: list[dict], best_step: int | None = None):
-    fig, ax = _figure(8, 4)
+    fig, ax = figure(8, 4)
     steps = [h["step"] for h in history]
     ax.plot(steps, [100 * h["eval_accuracy"] for h in history], marker="o", label="accuracy")
     ax.plot(steps, [100 * h["eval_f1"] for h in history], marker="s", label="macro-F1")
@@ -91,7 +92,7 @@ def plot_validation(history: list[dict], best_step: int | None = None):
 
 
 def plot_loss(history: list[dict]):
-    fig, ax = _figure(8, 4)
+    fig, ax = figure(8, 4)
     steps = [h["step"] for h in history]
     ax.plot(steps, [h["train_loss"] for h in history], marker="o", label="training (mean since previous evaluation)")
     ax.plot(steps, [h["eval_loss"] for h in history], marker="s", label="validation")
@@ -106,7 +107,7 @@ def plot_per_class_f1(per_class: dict[str, dict], train_counts: dict[str, int], 
     names = [n for n in per_class if n in train_counts]
     x = [train_counts[n] for n in names]
     y = [100 * per_class[n]["f1-score"] for n in names]
-    fig, ax = _figure(10, 5)
+    fig, ax = figure(10, 5)
     ax.scatter(x, y, s=18, alpha=0.7)
     if macro_f1 is not None:  # labelled on the line: a legend box would sit on the worst classes' labels
         ax.axhline(100 * macro_f1, color="grey", linestyle="--", linewidth=1)
@@ -128,7 +129,7 @@ def plot_per_class_f1(per_class: dict[str, dict], train_counts: dict[str, int], 
 
 
 def plot_confused_pairs(pairs: list[tuple[str, str, int]]):
-    fig, ax = _figure(8, 1 + 0.32 * max(len(pairs), 1))
+    fig, ax = figure(8, 1 + 0.32 * max(len(pairs), 1))
     labels = [f"{t} → {p}" for t, p, _ in pairs]
     ax.barh(range(len(pairs)), [n for *_, n in pairs], color="#c0504d")
     ax.set_yticks(range(len(pairs)), labels, fontsize=8)
@@ -144,7 +145,7 @@ def plot_confusion(confusion: list[list[int]], names: list[str]):
 
     cm = np.asarray(confusion)
     size = max(4.0, 0.45 * len(names) + 2.5)
-    fig, ax = _figure(size + 1, size)
+    fig, ax = figure(size + 1, size)
     im = ax.imshow(cm, cmap="Blues")
     short = [n if len(n) <= 24 else n[:23] + "…" for n in names]
     ax.set_xticks(range(len(names)), short, rotation=60, ha="right", fontsize=8)
@@ -163,7 +164,7 @@ def plot_adalora_ranks(final_ranks: dict[str, int], init_r: int | None = None):
     import numpy as np
 
     layers, modules, grid = rank_grid(final_ranks)
-    fig, ax = _figure(max(4.0, 1.2 * len(modules) + 2.5), max(3.0, 0.4 * len(layers) + 1.5))
+    fig, ax = figure(max(4.0, 1.2 * len(modules) + 2.5), max(3.0, 0.4 * len(layers) + 1.5))
     im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0, vmax=init_r or np.nanmax(grid), aspect="auto")
     long = max(map(len, modules), default=0) > 10  # all-linear names overlap when horizontal
     ax.set_xticks(range(len(modules)), modules, fontsize=9, rotation=30 if long else 0, ha="right" if long else "center")
@@ -180,7 +181,7 @@ def plot_adalora_ranks(final_ranks: dict[str, int], init_r: int | None = None):
 def plot_rank_budget(adalora: dict):
     """Sum of ranks over optimizer steps, against the budgets and the allocation schedule."""
     steps, budgets = zip(*adalora["rank_history"], strict=True)
-    fig, ax = _figure(8, 4)
+    fig, ax = figure(8, 4)
     ax.step(steps, budgets, where="post", linewidth=2, label="sum of ranks")
     if "init_budget" in adalora:
         ax.axhline(adalora["init_budget"], color="grey", linestyle=":", linewidth=1, label="init_r × modules")
@@ -197,7 +198,7 @@ def plot_rank_budget(adalora: dict):
     return fig
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
@@ -358,15 +359,13 @@ def write_report(run_dir: Path, summary: dict | None = None, history: list[dict]
     because summary.json is written last); the rest comes from test_metrics.json and labels.json.
     """
     run_dir = Path(run_dir)
-    summary = summary if summary is not None else json.loads((run_dir / SUMMARY).read_text())
+    summary = summary if summary is not None else read_json(run_dir / SUMMARY)
     history = history if history is not None else read_jsonl(run_dir / METRICS)
-    test_file = run_dir / "test_metrics.json"
-    test = json.loads(test_file.read_text()) if test_file.is_file() else {}
-    raw = json.loads((run_dir / LABELS).read_text())["id2label"]
-    names = [raw[str(i)] for i in range(len(raw))]
+    test = read_json(run_dir / TEST_METRICS) if (run_dir / TEST_METRICS).is_file() else {}
+    names = LabelMap.load(run_dir).names
 
     blocks, figs = build(summary, history, test, names)
-    pngs = {name: _png(fig) for name, fig in figs.items()}
+    pngs = {name: png(fig) for name, fig in figs.items()}
     (run_dir / PLOTS).mkdir(exist_ok=True)
     written = []
     for name, data in pngs.items():

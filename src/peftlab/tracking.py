@@ -8,7 +8,7 @@ by default: TensorBoard event files, an MLflow file store and W&B offline runs, 
 library allows it (MlflowClient rather than mlflow.start_run; W&B runs created with reinit), so a
 notebook's own active runs are left alone.
 
-The metrics are exactly the records train.fit appends to metrics.jsonl (through its ``on_eval``
+The metrics are exactly the records loop.fit appends to metrics.jsonl (through its ``on_eval``
 callback), logged at their optimizer step.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import TrainConfig, dotted
 from .errors import ConfigError
 
 log = logging.getLogger("peftlab")
@@ -55,18 +55,10 @@ def _missing(name: str) -> str:
     return f"train.report_to={name} needs the {module} package: pip install 'peftlab[{extra}]'"
 
 
-def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+def flatten(config: dict) -> dict[str, object]:
     """{'train': {'epochs': 5}} → {'train.epochs': 5}; lists and None become strings, as trackers want
     scalars for hyperparameters."""
-    out: dict[str, object] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        elif isinstance(value, (bool, int, float, str)):
-            out[f"{prefix}{key}"] = value
-        else:
-            out[f"{prefix}{key}"] = str(value)
-    return out
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in dotted(config).items()}
 
 
 def _numbers(record: dict) -> dict[str, float]:
@@ -90,7 +82,7 @@ class Tracker:
     backends: list[Backend] = field(default_factory=list)
 
     def log_eval(self, record: dict) -> None:
-        """train.fit's on_eval: one metrics.jsonl record, at its optimizer step."""
+        """loop.fit's on_eval: one metrics.jsonl record, at its optimizer step."""
         self._log(_numbers(record), int(record["step"]))
 
     def log_final(self, summary: dict, step: int) -> None:

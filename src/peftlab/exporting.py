@@ -12,14 +12,27 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from . import predictor as predictor_mod
-from .errors import ExportError
-from .predictor import EXPORT_RECORD, ONNX_FILE, ONNX_INT8_FILE, Predictor
-from .runs import LABELS, open_run, versions, write_json
+from .data import read_labelled
+from .errors import DataError, ExportError
+from .files import atomic_folder, write_json
+from .predictor import Predictor
+from .rundir import (
+    ADAPTER,
+    EXPORT_RECORD,
+    LABELS,
+    ONNX_FILE,
+    ONNX_INT8_FILE,
+    open_run,
+    run_config,
+    test_split,
+    versions,
+)
 
 log = logging.getLogger("peftlab")
 
@@ -32,7 +45,8 @@ ONNX_OPSET = 17
 
 def export(run: str | Path, fmt: str, out: str | Path | None = None, quantize: bool = False,
            data: str | Path | None = None, parity_examples: int = 512, force: bool = False) -> Path:
-    """Export ``run`` as ``fmt`` into ``out`` (default RUN/export-FMT); return the export folder."""
+    """Export ``run`` as ``fmt`` into ``out`` (default RUN/export-FMT); return the export folder. The export
+    is reloaded the way a user would load it and checked against the run on real texts (module docstring)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     if quantize and fmt != "onnx":
@@ -51,16 +65,15 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None, quantize: b
     ids = reference.encode(texts)
     ref_logits = reference.logits_from_ids(ids)
     y = None if labels_true is None else np.array([reference.labels.ids.get(x, -1) for x in labels_true])
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        record = {"format": fmt, "source_run": str(run_path.resolve()), "method": method,
-                  "backbone": cfg["model"]["name"], "max_length_tokens": cfg["model"]["max_length_tokens"],
-                  "versions": versions()}
+    record = {"format": fmt, "source_run": str(run_path.resolve()), "method": method,
+              "backbone": cfg["model"]["name"], "max_length_tokens": cfg["model"]["max_length_tokens"],
+              "versions": versions()}
+    with atomic_folder(target) as tmp:  # renamed into place only when the check below passes
         shutil.copy(run_path / LABELS, tmp / LABELS)
         if fmt == "adapter":
-            _export_adapter(run_path, tmp)
+            for f in (run_path / ADAPTER).iterdir():
+                if f.is_file():
+                    shutil.copy(f, tmp / f.name)
         else:
             merged = _merge(reference)
             if fmt == "merged":
@@ -72,42 +85,27 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None, quantize: b
         write_json(tmp / EXPORT_RECORD, record)  # the loader needs it; rewritten below with the check
 
         parity = {"examples": len(texts), "data": str(data) if data else "the run's test split"}
-        exported = predictor_mod.load(tmp)
-        parity.update(_compare(ref_logits, exported.logits_from_ids(ids), y))
+        parity.update(_compare(ref_logits, predictor_mod.load(tmp).logits_from_ids(ids), y))
         if parity["max_abs_logit_diff"] > MAX_LOGIT_DIFF:
             raise ExportError(f"the {fmt} export does not reproduce the run: max logit difference "
                               f"{parity['max_abs_logit_diff']:.2e}, label agreement {100 * parity['label_agreement']:.2f}%")
         if quantize:
             _quantize(tmp / ONNX_FILE, tmp / ONNX_INT8_FILE)
-            q = predictor_mod.load(tmp, quantized=True)
-            parity["int8"] = _compare(ref_logits, q.logits_from_ids(ids), y)
+            parity["int8"] = _compare(ref_logits, predictor_mod.load(tmp, quantized=True).logits_from_ids(ids), y)
         record["parity"] = parity
         record["seconds"] = round(time.perf_counter() - started, 2)
         write_json(tmp / EXPORT_RECORD, record)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
 def _parity_texts(run_path: Path, cfg: dict, data, n: int) -> tuple[list[str], list[str] | None]:
-    """Up to ``n`` real texts (with labels when known): ``data`` if given, else the run's test split."""
-    from . import config as config_mod
-    from . import data as data_mod
-    from .errors import DataError
-
+    """Up to ``n`` real texts (with labels when known): ``data`` if given, else the run's test split (a data
+    file changed since training only warns: any real texts check that the export reproduces the run)."""
     if data is not None:
-        table = data_mod.read_table(data)
-        text_cols = cfg["data"]["text_columns"] or ["text"]
-        label_col = cfg["data"]["label_column"] or "label"
-        frame = data_mod.to_frame(table, text_cols, label_col if label_col in table.columns else None, str(data))
+        frame = read_labelled(data, run_config(cfg).data, require_labels=False)
     else:
-        dcfg = config_mod.from_dict({k: cfg[k] for k in ("model", "data", "adapter", "train")}).data
         try:
-            frame = data_mod.load(dcfg, cfg["train"]["seed"]).test
+            frame = test_split(run_path, cfg, strict=False)
         except DataError as e:
             raise ExportError(f"the parity check needs the run's test data ({e}); or give --data FILE") from None
     if len(frame) > n:
@@ -124,12 +122,6 @@ def _compare(ref: np.ndarray, got: np.ndarray, y: np.ndarray | None) -> dict:
         out["accuracy_reference"] = float((ref.argmax(-1) == y).mean())
         out["accuracy_export"] = float((got.argmax(-1) == y).mean())
     return out
-
-
-def _export_adapter(run_path: Path, folder: Path) -> None:
-    for f in (run_path / "adapter").iterdir():
-        if f.is_file():
-            shutil.copy(f, folder / f.name)
 
 
 def _merge(reference: Predictor):
@@ -159,8 +151,6 @@ def _export_onnx(model, pad_id: int, file: Path) -> None:
     mask = (ids != pad_id).long()
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "logits": {0: "batch"}}
-    import warnings
-
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about Python bools in the attention mask code
         torch.onnx.export(Logits(model), (ids, mask), str(file), input_names=["input_ids", "attention_mask"],

@@ -1,30 +1,10 @@
-"""Metrics: accuracy, macro-F1, per-class precision/recall/F1 and loss, from logits (scikit-learn)."""
+"""Metrics from logits: accuracy, macro-F1, mean cross-entropy, per-class precision/recall/F1 and the
+confusion matrix (scikit-learn). Used on validation during training, on test at its end, by evaluate."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-from .batching import collate, length_sorted_batches
-
-
-@torch.inference_mode()
-def predict_logits(model, input_ids: list[list[int]], pad_id: int, batch_size: int = 64,
-                   device: torch.device | str | None = None) -> np.ndarray:
-    """Logits for every text in the original order, from length-sorted batches without labels.
-
-    Labels are never passed: AdaLoRA's forward with labels adds its orthogonal regulariser and fails
-    in inference mode; the loss is computed here from the logits instead.
-    """
-    was_training = model.training
-    model.eval()
-    device = device or next(model.parameters()).device
-    out = np.zeros((len(input_ids), model.config.num_labels), dtype=np.float32)
-    for idx, ids in length_sorted_batches(input_ids, batch_size):
-        batch = {k: v.to(device) for k, v in collate(ids, pad_id).items()}
-        out[idx] = model(**batch).logits.float().cpu().numpy()
-    model.train(was_training)
-    return out
 
 
 def metrics(logits: np.ndarray, labels: list[int] | np.ndarray, names: list[str] | None = None,

@@ -4,29 +4,20 @@
     GET  /v1/adapters   what is loaded, with per-adapter counters
     GET  /healthz       liveness + batching counters
 
-Predictors come from ``predictor.load_many``: adapters on one backbone share one PeftModel and switch
-adapter before each batch, so every model call runs on ONE thread (a single-thread executor). One
-asyncio worker takes every request that queued up while the previous batch ran (optionally waiting
-``max_wait_ms`` for more), groups them per adapter and runs one model call per group of up to
-``max_batch_texts``: concurrent clients share a forward pass instead of queueing for one each. Nothing
-touches the filesystem at request time: adapter names are only looked up in the registry loaded at startup.
+Predictors come from ``predictor.load_many`` (adapters on one backbone share one PeftModel); requests are
+combined into model calls by microbatch.Batcher, on one model thread. Nothing touches the filesystem at
+request time: adapter names are only looked up in the registry loaded at startup.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import difflib
 import logging
-import re
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-import yaml
+import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -34,53 +25,17 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .config import ServeLimits, make_limits
 from .errors import ConfigError, PeftlabError, RunError
+from .files import read_yaml
+from .microbatch import Batcher
+from .predictor import load_many
+from .rundir import CONFIG, EXPORT_RECORD, NAME, NAME_PATTERN, check_servable
 
 log = logging.getLogger("peftlab")
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-_NAME_RE = re.compile(NAME_PATTERN)
-
-
-@dataclass
-class ServeLimits:
-    """Request and batching limits; YAML ``limits:`` keys and CLI flags use these names."""
-
-    max_texts_per_request: int = 64
-    max_chars_per_text: int = 2000
-    max_body_bytes: int = 1_000_000
-    max_batch_texts: int = 128  # texts per model call, summed over the requests it combines
-    # How long the first request of a batch waits for company. 0 by default: measured on 2 CPU cores
-    # (bench/serve.py, MiniLM), 5 ms cost latency at every concurrency and gained no throughput, since
-    # requests that arrive while a batch runs are combined anyway and CPU cost grows with batch size.
-    max_wait_ms: float = 0
-
-
-def make_limits(values: dict | None = None) -> ServeLimits:
-    """ServeLimits from a dict, refusing unknown keys and non-positive or non-numeric values."""
-    known, problems = [f.name for f in fields(ServeLimits)], []
-    for key, value in (values or {}).items():
-        is_wait = key == "max_wait_ms"  # the only float: 0 turns the collection window off
-        if key not in known:
-            near = difflib.get_close_matches(str(key), known, n=1)
-            problems.append(f"unknown serve limit {key!r}" + (f" — did you mean {near[0]!r}?" if near else ""))
-        elif isinstance(value, bool) or not isinstance(value, (int | float) if is_wait else int) or value < 1 - is_wait:
-            problems.append(f"serve limit {key} must be {'a number >= 0' if is_wait else 'an integer >= 1'}, not {value!r}")
-    if problems:
-        raise ConfigError(problems)
-    return ServeLimits(**(values or {}))
-
 
 # --- which folders to serve ------------------------------------------------------------------------
-
-def _check_source(path: Path) -> None:
-    """Raise RunError unless ``path`` is a finished run folder or an export folder."""
-    from .predictor import EXPORT_RECORD
-    from .runs import open_run
-
-    if not (path / EXPORT_RECORD).is_file():
-        open_run(path)  # not found / not a run / unfinished → RunError with the reason
-
 
 def read_config(path: str | Path) -> tuple[dict[str, Path], dict]:
     """({adapter name: folder}, limits dict) from a YAML file, a folder of runs, or one run folder.
@@ -92,19 +47,19 @@ def read_config(path: str | Path) -> tuple[dict[str, Path], dict]:
     """
     p = Path(path)
     if p.is_dir():
-        if (p / "export.json").is_file() or (p / "config.yaml").is_file():  # one run or export folder
-            _check_source(p)
-            if not _NAME_RE.match(p.name):
+        if (p / EXPORT_RECORD).is_file() or (p / CONFIG).is_file():  # one run or export folder
+            check_servable(p)
+            if not NAME.match(p.name):
                 raise ConfigError(f"folder name {p.name!r} is not a valid adapter name ({NAME_PATTERN}); "
                                   "use a YAML config to name it")
             return {p.name: p}, {}
         adapters = {}
         for sub in sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")):
-            if not _NAME_RE.match(sub.name):
+            if not NAME.match(sub.name):
                 log.warning("serve: skipping '%s': not a valid adapter name (%s)", sub, NAME_PATTERN)
                 continue
             try:
-                _check_source(sub)
+                check_servable(sub)
             except RunError as e:
                 log.warning("serve: skipping '%s': %s", sub, e)
                 continue
@@ -114,142 +69,23 @@ def read_config(path: str | Path) -> tuple[dict[str, Path], dict]:
         return adapters, {}
     if not p.is_file():
         raise ConfigError(f"serve config '{p}' not found (give a YAML file, a run folder or a folder of runs)")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"serve config '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("adapters"), dict) or not data["adapters"] \
+    data = read_yaml(p, "serve config")
+    if not isinstance(data.get("adapters"), dict) or not data["adapters"] \
             or not isinstance(data.get("limits") or {}, dict) or set(data) - {"adapters", "limits"}:
         raise ConfigError(f"serve config '{p}' must hold 'adapters:' (a mapping of name: run or export folder) "
                           "and optionally 'limits:' (a mapping), nothing else")
     adapters, limits = {}, data.get("limits") or {}
     for name, src in data["adapters"].items():
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME.match(name):
             raise ConfigError(f"serve config '{p}': adapter name {name!r} must match {NAME_PATTERN}")
         if not isinstance(src, str | Path):
             raise ConfigError(f"serve config '{p}': adapters.{name} must be a folder path")
         folder = Path(src).expanduser()
         folder = folder if folder.is_absolute() else p.parent / folder
-        _check_source(folder)  # explicitly listed: an unfinished run is an error, not a skip
+        check_servable(folder)  # explicitly listed: an unfinished run is an error, not a skip
         adapters[name] = folder
-    make_limits(limits)  # report bad limits before loading any model
+    make_limits(limits, str(p))  # report bad limits before loading any model
     return adapters, limits
-
-
-# --- micro-batching -------------------------------------------------------------------------------
-
-@dataclass
-class _Job:
-    adapter: str
-    texts: list[str]
-    top_k: int
-    future: asyncio.Future
-
-
-def _new_counters() -> dict[str, int]:
-    # batches counts model calls: fewer batches than requests means requests were combined
-    return {"requests": 0, "texts": 0, "batches": 0, "largest_batch_texts": 0}
-
-
-def _classify(predictor, jobs: list[_Job]) -> list[list[list[tuple[str, float]]]]:
-    """Runs on the model thread: one model call for all texts of ``jobs``, then each job's top-k."""
-    from .predictor import top_labels
-
-    logits = predictor.logits([t for job in jobs for t in job.texts])
-    out, start = [], 0
-    for job in jobs:
-        out.append(top_labels(logits[start:start + len(job.texts)], predictor.labels, job.top_k))
-        start += len(job.texts)
-    return out
-
-
-class Batcher:
-    """Collects jobs on the event loop; runs them, grouped per adapter, on one model thread."""
-
-    def __init__(self, predictors: dict[str, Any], limits: ServeLimits):
-        self.predictors, self.limits = predictors, limits
-        self.totals = _new_counters()
-        self.per_adapter = {name: _new_counters() for name in predictors}
-        self._executor = self._loop = self._task = None
-
-    def _ensure_worker(self) -> None:
-        # Started lazily on the running loop: a test client without lifespan, or one loop per request
-        # (TestClient outside a `with`), still gets a worker on the loop that awaits the results. Each
-        # worker owns its queue, so a worker left on an old loop never touches another loop's futures.
-        loop = asyncio.get_running_loop()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="peftlab-model")
-        if self._loop is not loop or self._task is None or self._task.done():
-            if self._task is not None and not self._task.done() and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._task.cancel)
-            self._loop, self._pending, self._wakeup = loop, deque(), asyncio.Event()
-            self._task = loop.create_task(self._work(self._pending, self._wakeup))
-
-    async def classify(self, adapter: str, texts: list[str], top_k: int):
-        """Each text's top-k (label, score) pairs, computed in a batch shared with concurrent requests."""
-        self._ensure_worker()
-        job = _Job(adapter, texts, top_k, self._loop.create_future())
-        self._pending.append(job)
-        self._wakeup.set()
-        return await job.future
-
-    async def _work(self, pending: deque[_Job], wakeup: asyncio.Event) -> None:
-        loop, wait_s, full = asyncio.get_running_loop(), self.limits.max_wait_ms / 1000, self.limits.max_batch_texts
-        while True:
-            while not pending:
-                wakeup.clear()
-                await wakeup.wait()
-            # Collection window: wait for company until the window closes or a batch is full. Requests
-            # that arrive while the model is busy queue up and go together into the next batch anyway.
-            deadline = loop.time() + wait_s
-            while sum(len(j.texts) for j in pending) < full and (left := deadline - loop.time()) > 0:
-                wakeup.clear()
-                try:
-                    await asyncio.wait_for(wakeup.wait(), left)
-                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-                    break
-            jobs = [j for j in pending if not j.future.done()]  # done: the client went away
-            pending.clear()
-            groups: dict[str, list[_Job]] = {}  # per adapter, in order of first arrival
-            for job in jobs:
-                groups.setdefault(job.adapter, []).append(job)
-            for group in groups.values():
-                chunk, size = [], 0
-                for job in group:  # cut at max_batch_texts, never inside a request
-                    if chunk and size + len(job.texts) > full:
-                        await self._run(chunk)
-                        chunk, size = [], 0
-                    chunk.append(job)
-                    size += len(job.texts)
-                await self._run(chunk)
-
-    async def _run(self, chunk: list[_Job]) -> None:
-        name = chunk[0].adapter
-        try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _classify, self.predictors[name], chunk)
-        except Exception as e:  # a model failure fails this chunk's requests, never the worker
-            log.exception("serve: model call for adapter %r failed", name)
-            for job in chunk:
-                if not job.future.done():
-                    job.future.set_exception(e)
-            return
-        n = sum(len(j.texts) for j in chunk)
-        for c in (self.totals, self.per_adapter[name]):
-            c["requests"] += len(chunk)
-            c["texts"] += n
-            c["batches"] += 1
-            c["largest_batch_texts"] = max(c["largest_batch_texts"], n)
-        for job, result in zip(chunk, results, strict=True):
-            if not job.future.done():
-                job.future.set_result(result)
-
-    def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = self._task = None
 
 
 # --- HTTP ------------------------------------------------------------------------------------------
@@ -332,17 +168,15 @@ def _one_line(exc: RequestValidationError) -> str:
 def create_app(adapters: dict[str, str | Path], limits: ServeLimits | None = None, predictors=None) -> FastAPI:
     """The app over ``adapters`` (name → run or export folder), loaded now, once (``predictors`` skips
     loading: already-loaded ``predictor.load_many`` output)."""
-    from .predictor import load_many
-
     limits = make_limits(asdict(limits)) if limits else ServeLimits()
-    bad = [n for n in (predictors or adapters) if not _NAME_RE.match(n)]
+    bad = [n for n in (predictors or adapters) if not NAME.match(n)]
     if bad:
         raise ConfigError(f"adapter name {bad[0]!r} must match {NAME_PATTERN}")
     if predictors is None:
         if not adapters:
             raise ConfigError("no adapters to serve")
         predictors = load_many(adapters)
-    batcher = Batcher(predictors, limits)
+    batcher = Batcher(predictors, limits.max_batch_texts, limits.max_wait_ms)
     # Adapters on one shared model report the same base number: how many base models are in memory.
     bases: dict[int, int] = {}
     base_of = {n: bases.setdefault(id(p.model), len(bases)) for n, p in predictors.items()}
@@ -445,8 +279,6 @@ def serve(config: str | Path, host: str = "127.0.0.1", port: int = 8000, limits:
         raise PeftlabError("peftlab serve needs fastapi and uvicorn: pip install 'peftlab[serve]'") from None
     adapters, file_limits = read_config(config)
     if num_threads:  # torch keeps one global intra-op setting, which the model thread picks up
-        import torch
-
         torch.set_num_threads(num_threads)
     chosen = make_limits({**file_limits, **(limits or {})})  # command-line flags win over the file
     log.info("serve: loading %d adapter(s): %s", len(adapters), ", ".join(adapters))

@@ -1,4 +1,4 @@
-"""Tokenise once, pad per batch: batches are as long as their longest text, never max_length.
+"""Tokens: tokenise once, pad per batch — batches are as long as their longest text, never max_length.
 
 Training batches come from transformers' LengthGroupedSampler (similar lengths together, random
 order); evaluation and prediction sort by length, so padding is almost nothing.
@@ -76,8 +76,9 @@ def collate(input_ids, pad_id: int, labels: list[int] | None = None) -> dict[str
     return batch
 
 
-class TrainSet(torch.utils.data.Dataset):
-    """(ids, label) pairs; the collate function pads them."""
+class Examples(torch.utils.data.Dataset):
+    """Labelled texts as (ids, label) pairs: the training, validation and extra-epoch sets. The collate
+    function pads a batch of them."""
 
     def __init__(self, input_ids: Tokens | list[list[int]], labels: list[int], pad_id: int):
         self.input_ids, self.labels, self.pad_id = input_ids, labels, pad_id

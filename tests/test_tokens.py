@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from peftlab import batching
-from peftlab.batching import Tokens, collate, encode, length_sorted_batches
+from peftlab import tokens
+from peftlab.tokens import Tokens, collate, encode, length_sorted_batches
 
 
 def test_tokens_behave_like_lists():
@@ -35,6 +35,6 @@ def test_chunked_encoding_equals_one_call(monkeypatch, data_dir):
     tok = AutoTokenizer.from_pretrained(resolve_backbone("default"))
     texts = pd.read_csv(data_dir / "banking77" / "test.csv").text.tolist()[:1000]
     whole = tok(texts, truncation=True, max_length=64)["input_ids"]
-    monkeypatch.setattr(batching, "ENCODE_CHUNK", 97)  # many chunks, the last one short
+    monkeypatch.setattr(tokens, "ENCODE_CHUNK", 97)  # many chunks, the last one short
     chunked = encode(texts, tok, 64)
     assert len(chunked) == len(whole) and all(list(a) == b for a, b in zip(chunked, whole, strict=True))
