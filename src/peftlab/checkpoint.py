@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from . import modeling
 from .errors import RunError
@@ -103,8 +105,6 @@ def save_best(ckpt_dir: Path, step: int, model, adalora: bool) -> str:
 
 def load_best(ckpt_dir: Path, name: str, model, adalora: bool) -> None:
     """Put a best-k checkpoint's weights (and AdaLoRA rank pattern) back into ``model``."""
-    from safetensors.torch import load_file
-
     path = Path(ckpt_dir) / name
     modeling.load_trainable_state(model, load_file(path))
     if adalora:
@@ -200,9 +200,6 @@ def write(ckpt_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dic
 
 def load(ckpt_dir: Path) -> State | None:
     """The latest complete state, or None when the run never wrote one."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     pointer = Path(ckpt_dir) / POINTER
     if not pointer.is_file():
         return None

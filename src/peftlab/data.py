@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from sklearn.model_selection import train_test_split
 
 from .config import DATA_DIR_ENV, DataConfig, data_dir, hub_offline
 from .errors import DataError, did_you_mean, plural
@@ -191,8 +192,6 @@ def to_frame(df: pd.DataFrame, text_columns: list[str], label_column: str | None
 
 def stratified_take(df: pd.DataFrame, n: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split ``df`` into (rest, taken) with ``n`` rows (or that fraction) taken, stratified by label."""
-    from sklearn.model_selection import train_test_split
-
     size = int(n) if n >= 1 else n
     if (size if isinstance(size, int) else round(size * len(df))) >= len(df):
         what = f"{size:,} examples" if isinstance(size, int) else f"{size:g} of the examples"

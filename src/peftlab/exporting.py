@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import predictor as predictor_mod
 from .data import read_labelled
@@ -136,8 +137,6 @@ def _merge(reference: Predictor):
 
 def _export_onnx(model, pad_id: int, file: Path) -> None:
     """torch.onnx (TorchScript exporter) with dynamic batch and sequence axes; inputs ids + mask."""
-    import torch
-
     class Logits(torch.nn.Module):  # the exported graph returns a tensor, not a ModelOutput
         def __init__(self, inner):
             super().__init__()

@@ -21,6 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import checkpoint, modeling
 from .checkpoint import BestK, LoopState
@@ -70,8 +75,6 @@ def process_state(cfg: TrainConfig | None = None):
     ``--multi_gpu`` runs a single process however many were asked for; that is refused here rather than
     silently training one process's share.
     """
-    from accelerate import PartialState
-
     distributed_env = ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
     if "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ \
             and not any(k in os.environ for k in distributed_env):
@@ -85,8 +88,6 @@ def process_state(cfg: TrainConfig | None = None):
 
 
 def make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator, DataLoaderConfiguration
-
     precision = {"fp32": "no", "auto": "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
                  else "no"}.get(cfg.precision, cfg.precision)
     if precision == "fp16" and not torch.cuda.is_available():
@@ -113,8 +114,6 @@ def param_groups(model, lr: float, head_lr: float, weight_decay: float, head_mod
 
 def length_grouped_loader(examples: Examples, batch_size: int, seed: int):
     """Batches of similar lengths in random order (transformers' LengthGroupedSampler, its own generator)."""
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
     sampler = LengthGroupedSampler(batch_size, lengths=lengths(examples.input_ids),
                                    generator=torch.Generator().manual_seed(seed))
     return torch.utils.data.DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=examples.collate)
@@ -144,8 +143,6 @@ def validation_logits(accelerator, model, examples: Examples, batch_size: int) -
     ids = examples.input_ids
     if accelerator.num_processes == 1:
         return predict_logits(model, ids, examples.pad_id, batch_size, accelerator.device)
-    from accelerate.utils import gather_object
-
     # Interleaved over lengths, so every share has the same mix of short and long texts.
     order = sorted(range(len(ids)), key=lengths(ids).__getitem__)[accelerator.process_index::accelerator.num_processes]
     part = predict_logits(model, [ids[i] for i in order], examples.pad_id, batch_size, accelerator.device)
@@ -167,10 +164,6 @@ def fit(model, train: Examples, validation: Examples, cfg: TrainConfig, run_dir:
     without the interruption.
     """
     with fast_dropout(model, cfg.fast_dropout):
-        from accelerate.utils import set_seed
-        from tqdm.auto import tqdm
-        from transformers import get_scheduler
-
         accelerator = make_accelerator(cfg)
         set_seed(cfg.seed)
         loader = length_grouped_loader(train, cfg.batch_size, cfg.seed)
@@ -268,7 +261,7 @@ def fit(model, train: Examples, validation: Examples, cfg: TrainConfig, run_dir:
         if best_k.best() is not None:
             checkpoint.load_best(ckpt_dir, best_k.best(), plain, is_adalora)
         if extra is not None:
-            final_epoch(model, plain, extra, optimizer, accelerator, cfg, learning_rate, state, is_adalora, tqdm)
+            final_epoch(model, plain, extra, optimizer, accelerator, cfg, learning_rate, state, is_adalora)
         if state.rank_history and state.rank_history[-1][0] != state.step:
             state.rank_history.append([state.step, state.rank_history[-1][1]])  # the series spans the run
         model.eval()
@@ -314,7 +307,7 @@ def keep_if_best(record: dict, state: LoopState, best_k: BestK, cfg: TrainConfig
 
 
 def final_epoch(model, plain, extra: Examples, optimizer, accelerator, cfg: TrainConfig, learning_rate: float,
-                state: LoopState, is_adalora: bool, tqdm) -> None:
+                state: LoopState, is_adalora: bool) -> None:
     """One more epoch on train+validation at a small constant rate, after the best checkpoint is restored
     (the extra epoch of "kms LoRA", NYU ECE-GY 7123 project report); its weights are the ones kept."""
     for g in optimizer.param_groups:

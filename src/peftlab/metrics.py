@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
 
 def metrics(logits: np.ndarray, labels: list[int] | np.ndarray, names: list[str] | None = None,
             per_class: bool = False) -> dict:
     """accuracy, macro-F1 and mean cross-entropy; with per_class, sklearn's per-label report and the
     confusion matrix too."""
-    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
-
     y = np.asarray(labels)
     pred = logits.argmax(-1)
     logp = torch.log_softmax(torch.from_numpy(logits).double(), -1).numpy()

@@ -15,7 +15,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from peft import AdaLoraConfig, LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .config import AdapterConfig, ModelConfig, hub_offline
 from .errors import ConfigError, RunError
@@ -112,8 +115,6 @@ def check_backbone(cfg: ModelConfig) -> str:
 
 def load_backbone(cfg: ModelConfig, id2label: dict[int, str]):
     """Load tokenizer and classifier model; return (model, tokenizer, newly initialised module names)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     path = check_backbone(cfg)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     try:
@@ -140,8 +141,6 @@ def load_backbone(cfg: ModelConfig, id2label: dict[int, str]):
 def peft_config(adapter: AdapterConfig, targets, modules_to_save: list[str], total_steps: int | None = None,
                 schedule: tuple[int, int] | None = None):
     """The PEFT config for a method, named with PEFT's own keys."""
-    from peft import AdaLoraConfig, LoraConfig, TaskType
-
     common = dict(task_type=TaskType.SEQ_CLS, target_modules=targets, lora_alpha=adapter.lora_alpha,
                   lora_dropout=adapter.lora_dropout, bias=adapter.bias, modules_to_save=modules_to_save or None)
     if adapter.method == "adalora":
@@ -166,8 +165,6 @@ def build(model_cfg: ModelConfig, adapter: AdapterConfig, id2label: dict[int, st
         for p in model.parameters():
             p.requires_grad_(True)
         return model, tokenizer, details
-    from peft import get_peft_model
-
     head_names = sorted({m.rsplit(".", 1)[-1] for m in new_modules})
     targets = resolve_target_modules(model, adapter.target_modules, head_names)
     to_save = sorted(set(new_modules) | set(adapter.modules_to_save))
@@ -300,9 +297,6 @@ def save_model(model, tokenizer, folder: Path, initial_adapter: Path | None = No
 def _save_converted(model, folder: Path, initial_adapter: Path) -> None:
     """PEFT's conversion (peft 0.21) writes only the lora_A/lora_B deltas and drops modules_to_save — the
     trained head — so a reload would get a random classifier. Put those tensors back."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
     model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(initial_adapter))
     shutil.rmtree(initial_adapter, ignore_errors=True)
     weights = folder / "adapter_model.safetensors"
@@ -316,8 +310,6 @@ def _save_converted(model, folder: Path, initial_adapter: Path) -> None:
 def load_classifier(folder: str | Path, labels: LabelMap | None = None):
     """A transformers sequence classifier from a model folder, safetensors only; with ``labels``, a fresh head
     of that size named with them (the base of an adapter)."""
-    from transformers import AutoModelForSequenceClassification
-
     names = {} if labels is None else {"num_labels": len(labels), "id2label": labels.id2label,
                                        "label2id": labels.label2id}
     return AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True, **names)
@@ -339,8 +331,6 @@ def _check_adapter_weights(folder: Path) -> None:
 
 def load_adapter_model(backbone: str, adapter_folder: Path, labels: LabelMap, adapter_name: str = "default"):
     """Base model + one adapter through plain PEFT, ready for inference."""
-    from peft import PeftModel
-
     _check_adapter_weights(adapter_folder)
     with _quiet_rank_pattern():
         model = PeftModel.from_pretrained(load_classifier(backbone, labels), adapter_folder, adapter_name=adapter_name)
@@ -369,8 +359,6 @@ def merged_for_inference(model):
     leaves the base weights within rounding of the original. Used after training only (never between
     training steps), where the adapter weights, not the base, are what is saved.
     """
-    from peft import PeftModel
-
     if not isinstance(model, PeftModel):
         yield model
         return

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
 from . import modeling
 from .config import EVAL_BATCH_SIZE
@@ -99,8 +100,6 @@ class Predictor:
 
 def load(path: str | Path, quantized: bool = False, num_threads: int | None = None) -> Predictor:
     """A predictor for a run folder or an export folder (``peftlab export``)."""
-    from transformers import AutoTokenizer
-
     p = Path(path)
     record = read_export_record(p) if p.is_dir() else None
     if record is None:
@@ -165,8 +164,6 @@ def load_many(sources: dict[str, str | Path]) -> dict[str, Predictor]:
     type (PEFT keeps one tuner type per model: LoRA and DoRA together, AdaLoRA apart). Merged, full and
     ONNX models are loaded on their own.
     """
-    from transformers import AutoTokenizer
-
     out: dict[str, Predictor] = {}
     shared: dict[tuple, Any] = {}
     for name, src in sources.items():

@@ -17,6 +17,8 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
+
 from .files import read_json, read_jsonl, write_bytes, write_text
 from .labels import LabelMap
 from .rundir import METRICS, PLOTS, SUMMARY, TEST_METRICS, open_run
@@ -54,8 +56,6 @@ def rank_grid(final_ranks: dict[str, int]):
     A key's first integer component is its layer (`bert.encoder.layer.3.attention.self.query` → 3);
     what follows it is the module.
     """
-    import numpy as np
-
     cells = {}
     for key, rank in final_ranks.items():
         m = re.search(r"(?:^|\.)(\d+)\.(.+)$", key)
@@ -141,8 +141,6 @@ def plot_confused_pairs(pairs: list[tuple[str, str, int]]):
 
 
 def plot_confusion(confusion: list[list[int]], names: list[str]):
-    import numpy as np
-
     cm = np.asarray(confusion)
     size = max(4.0, 0.45 * len(names) + 2.5)
     fig, ax = figure(size + 1, size)
@@ -161,8 +159,6 @@ def plot_confusion(confusion: list[list[int]], names: list[str]):
 
 def plot_adalora_ranks(final_ranks: dict[str, int], init_r: int | None = None):
     """Heatmap of the final rank per layer (rows) and module (columns); the image's array is the ranks."""
-    import numpy as np
-
     layers, modules, grid = rank_grid(final_ranks)
     fig, ax = figure(max(4.0, 1.2 * len(modules) + 2.5), max(3.0, 0.4 * len(layers) + 1.5))
     im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0, vmax=init_r or np.nanmax(grid), aspect="auto")

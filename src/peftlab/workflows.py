@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list, set_seed
 
 from . import modeling, rundir, tracking
 from .config import EVAL_BATCH_SIZE, Config, check_adalora_schedule
@@ -45,8 +46,6 @@ def train(cfg: Config, resume: bool | None = None) -> Path:
     An unfinished run of the same ``run_name`` that saved a resume state is continued when ``resume`` is
     None (if its config matches) or True; ``resume=False`` discards it and starts over.
     """
-    from accelerate.utils import set_seed
-
     wall_start = time.perf_counter()
     tracking.check(cfg.train.report_to)  # a missing tracker library fails before any work
     modeling.check_backbone(cfg.model)  # so does a model folder peftlab will not load
@@ -139,8 +138,6 @@ def _run_folder(cfg: Config, dataset: str, resuming: bool, procs) -> Path:
         except PeftlabError as e:
             outcome = e
     if procs.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         outcome = broadcast_object_list([outcome])[0]
     if isinstance(outcome, PeftlabError):
         raise outcome
