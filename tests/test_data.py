@@ -99,3 +99,17 @@ def test_mixed_label_types_are_refused(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", "label": "one"}\n')
     with pytest.raises(DataError, match="mixes label types"):
         load(train_file=tmp_path / "m.jsonl", test_file=tmp_path / "m.jsonl")
+
+
+def test_column_defaults_come_from_one_place(tmp_path):
+    assert data_mod.columns(config.load().data) == (["text"], "category")  # banking77's own
+    assert data_mod.columns(config.load(overrides=["data.dataset=ag_news"]).data) == (["title", "description"], "label")
+    files = config.load(overrides=["data.train_file=a.csv", "data.test_file=a.csv"]).data
+    assert data_mod.columns(files) == (["text"], "label")
+    assert data_mod.columns(config.load(overrides=["data.label_column=intent"]).data) == (["text"], "intent")
+
+
+def test_a_count_that_does_not_fit_is_said_as_a_count(tmp_path):
+    pd.DataFrame({"text": list("abcdefgh"), "label": ["x", "y"] * 4}).to_csv(tmp_path / "tr.csv", index=False)
+    with pytest.raises(DataError, match=r"^cannot take 640 examples out of 8: lower data.validation_size"):
+        load(train_file=tmp_path / "tr.csv", test_file=tmp_path / "tr.csv", validation_size=640)
