@@ -114,8 +114,8 @@ def run_peftlab(args) -> dict:
     if args.eval_rounds > 1:  # more test-set passes as train() makes them (merged, length-sorted); keep the best
         from peftlab.modeling import merged_for_inference
         from peftlab.predictor import predict_logits
+        from peftlab.rundir import load_run
         from peftlab.tokens import encode
-        from peftlab.workflows import load_run
 
         model, tok, _, _ = load_run(run)
         ids = encode(splits.test.text, tok, cfg.model.max_length_tokens)

@@ -24,7 +24,7 @@ _API = {
     "evaluate": ("workflows", "evaluate"),
     "predict": ("workflows", "predict"),
     "info": ("workflows", "info"),
-    "load_run": ("workflows", "load_run"),
+    "load_run": ("rundir", "load_run"),
     "export": ("exporting", "export"),
     "compare": ("matrix", "run"),
     "compare_runs": ("matrix", "compare_runs"),

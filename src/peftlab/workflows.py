@@ -152,11 +152,6 @@ def _adalora_summary(model, cfg: Config, schedule: tuple[int, int], total_steps:
             "init_budget": cfg.adapter.init_r * len(ranks), "rank_history": rank_history}
 
 
-def load_run(run: str | Path):
-    """(model, tokenizer, labels, config dict) of a run folder, loaded with plain transformers + PEFT."""
-    return rundir.load_run(run)
-
-
 def evaluate(run: str | Path, data: str | Path | None = None, text_columns: list[str] | None = None,
              label_column: str | None = None, batch_size: int = EVAL_BATCH_SIZE) -> dict:
     """Accuracy, macro-F1 and per-class metrics of a run on its own test split (read again from the files it
