@@ -77,7 +77,17 @@ CASES = [
          argv=lambda e: train(e, "train.epochs")),
     Case("pasted-peft-block", "config", "an AdaLoRA block pasted from a notebook's PEFT config, with keys PEFT "
          "never had", "5 problems in", argv=lambda e: ["train", str(e["data"] / "peft_block.yaml"), *train(e)[1:]]),
+    Case("known-intents-out-of-range", "config", "`data.known_intents=1.5`", "data.known_intents must be a fraction",
+         argv=lambda e: train(e, "data.known_intents=1.5")),
+    Case("keep-in-scope-zero", "config", "`ood.keep_in_scope=0`", "ood.keep_in_scope",
+         argv=lambda e: train(e, "ood.keep_in_scope=0")),
+    Case("unknown-ood-method", "config", "`ood.method=mahalanobis2`", "did you mean 'mahalanobis'?",
+         argv=lambda e: train(e, "ood.method=mahalanobis2")),
     # --- data -----------------------------------------------------------------------------------------
+    Case("oos-label-absent", "data", "`data.oos_label=oos` on data without that label", "data.oos_label 'oos' occurs in no split",
+         argv=lambda e: train(e, "data.oos_label=oos")),
+    Case("known-intents-too-few", "data", "`data.known_intents=0.2` of 6 intents (keeps 1)", "at least 2",
+         argv=lambda e: train(e, "data.known_intents=0.2")),
     Case("missing-file", "data", "`data.train_file` that does not exist", "nosuch.csv",
          argv=lambda e: train(e, data="nosuch.csv")),
     Case("missing-text-column", "data", "CSV without the text column", "text", argv=lambda e: train(e, data="no_text.csv")),
@@ -117,6 +127,10 @@ CASES = [
          argv=lambda e: ["predict", str(e["done"]), str(e["data"] / "nosuch.csv"), "-o", str(e["data"] / "p.csv")]),
     Case("predict-no-text-column", "cli", "`peftlab predict` on a file without its text column", "text",
          argv=lambda e: ["predict", str(e["done"]), str(e["data"] / "no_text.csv"), "-o", str(e["data"] / "p.csv")]),
+    Case("predict-threshold-out-of-range", "cli", "`peftlab predict RUN FILE --threshold 2` on an msp run",
+         "out of range for the msp score",
+         argv=lambda e: ["predict", str(e["done"]), str(e["good"]["test"]), "-o", str(e["data"] / "p.csv"),
+                         "--threshold", "2"]),
     Case("data-changed-since-training", "cli", "`peftlab evaluate` of a run whose test file was edited since",
          "changed since training", argv=lambda e: ["evaluate", str(e["changed"])]),
     Case("evaluate-unknown-labels", "cli", "`peftlab evaluate --data` with labels the run never saw", "never saw",
@@ -157,6 +171,11 @@ CASES = [
          request=lambda e: ("POST", "/v1/classify", {"json": {"texts": ["hi"], "pad": "x" * 5000}}), status=413),
     Case("bad-top-k", "http", "`top_k: 0`", "top_k",
          request=lambda e: ("POST", "/v1/classify", {"json": {"texts": ["hi"], "top_k": 0}}), status=422),
+    Case("threshold-out-of-range", "http", "`threshold: 2` on an msp adapter (scores are probabilities)",
+         "out of range for the msp score",
+         request=lambda e: ("POST", "/v1/classify", {"json": {"texts": ["hi"], "threshold": 2}}), status=422),
+    Case("threshold-not-a-number", "http", "`threshold: \"0.5\"`", "threshold",
+         request=lambda e: ("POST", "/v1/classify", {"json": {"texts": ["hi"], "threshold": "0.5"}}), status=422),
     Case("unknown-adapter", "http", "`adapter: \"nosuch\"`", "nosuch",
          request=lambda e: ("POST", "/v1/classify", {"json": {"texts": ["hi"], "adapter": "nosuch"}}), status=404),
     Case("path-like-adapter", "http", "`adapter: \"../../etc/passwd\"`", "adapter",
@@ -173,7 +192,8 @@ def env(tmp_path_factory, tiny_model, small_data):
     root = tmp_path_factory.mktemp("bad-input")
     runs, data = root / "runs", root / "data"
     data.mkdir()
-    args = tiny_overrides(tiny_model, small_data, runs, "lora", run_name="done", **{"train.epochs": 1})
+    args = tiny_overrides(tiny_model, small_data, runs, "lora", run_name="done",
+                          **{"train.epochs": 1, "ood.method": "msp"})
     assert cli.main(["train", *args]) == 0
     train_df = pd.read_csv(small_data["train"])
     (data / "empty.csv").write_bytes(b"")

@@ -352,3 +352,64 @@ def test_base_may_be_a_train_config_path_and_layers_apply_in_order(tiny_model, s
     c = cells["dora-wide-seed7"]
     assert (c.train.epochs, c.train.seed, c.adapter.method, c.run_name) == (3, 7, "dora", "dora-wide-seed7")
     assert c.output_dir == str(tmp_path / "o" / "tiny" / "runs") and c.data.label_column == "category"
+
+
+def fake_run(folder, name: str, method: str, seed: int, accuracy: float, confidence: dict | None = None):
+    """A finished run folder with just what comparison.row reads (config.yaml, labels.json, summary.json),
+    its summary with or without the calibration/rejection sections (older runs have neither)."""
+    run = folder / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"adapter": {"method": method, "r": 8, "target_r": 8, "init_r": 12},
+                                                     "train": {"seed": seed}}))
+    (run / "labels.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b"}}))
+    s = {"dataset": "banking77", "trainable_parameters": 1000, "total_parameters": 100_000, "trainable_percent": 1.0,
+         "test_accuracy": accuracy, "test_f1": accuracy - 0.01, "best_epoch": 1, "train_seconds": 60.0,
+         "train_samples_per_second": 100.0, "peak_memory_mb": 500.0, "device": "cpu", **(confidence or {})}
+    (run / "summary.json").write_text(json.dumps(s))
+    return comparison.Cell(method, "default", seed, None, status="reused"), run
+
+
+def sections(ece: float, method: str, scorer: dict) -> dict:
+    return {"calibration": {"temperature": 1.4, "ece_before": 2 * ece, "ece_after": ece},
+            "rejection": {"method": method, "threshold": scorer.get("threshold"),
+                          "scorers": {"msp": {"threshold": 0.5, "oos_f1": 0.1, "auroc": 0.2, "fpr_at_95": 0.3,
+                                              "in_scope_accuracy": 0.4},
+                                      "knn": scorer}}}
+
+
+CONFIDENCE_HEADERS = ["ECE (after scaling)", "OOS F1", "OOS AUROC", "FPR@95", "In-scope accuracy"]
+
+
+def test_confidence_columns_come_from_the_deciding_scorer_and_only_when_recorded(tmp_path):
+    knn = [{"threshold": 0.7, "oos_f1": f1, "auroc": 0.9, "fpr_at_95": fpr, "in_scope_accuracy": acc}
+           for f1, fpr, acc in ((0.8, 0.2, 0.85), (0.9, 0.1, 0.95))]
+    made = [("lora", fake_run(tmp_path / "runs", f"lora-{s}", "lora", s, 0.9, sections(0.01 * (s + 1), "knn", knn[s])))
+            for s in (0, 1)]
+    made.append(("dora", fake_run(tmp_path / "runs", "dora-0", "dora", 0, 0.9, sections(0.05, "none", {}))))
+    made.append(("full", fake_run(tmp_path / "runs", "full-0", "full", 0, 0.8)))  # an older run: neither section
+    rows = [comparison.row(run, tmp_path, group, cell) for group, (cell, run) in made]
+    comparison.write(tmp_path, rows, "fake", "cmd")
+
+    by_run = {r["run"]: r for r in csv_rows(tmp_path)}
+    assert all(k in csv_rows(tmp_path)[0] for k in ("ece_after", "oos_f1", "auroc", "fpr_at_95", "in_scope_accuracy"))
+    assert [by_run["runs/lora-1"][k] for k in ("ece_after", "oos_f1", "auroc", "fpr_at_95", "in_scope_accuracy")] == \
+        ["0.02", "0.9", "0.9", "0.1", "0.95"]  # knn decides: not msp's figures
+    assert by_run["runs/dora-0"]["ece_after"] == "0.05" and by_run["runs/dora-0"]["oos_f1"] == ""  # method none
+    assert all(by_run["runs/full-0"][k] == "" for k in ("ece_after", "oos_f1", "auroc", "fpr_at_95",
+                                                        "in_scope_accuracy"))
+
+    rows_md = table(tmp_path)
+    assert all(h in rows_md["lora"] for h in CONFIDENCE_HEADERS)
+    lora = rows_md["lora"]
+    assert lora["ECE (after scaling)"] == f"1.50 ± {100 * statistics.stdev([0.01, 0.02]):.2f}%"
+    assert lora["OOS F1"] == f"85.00 ± {100 * statistics.stdev([0.8, 0.9]):.2f}%"
+    assert lora["OOS AUROC"] == "90.00 ± 0.00%" and lora["In-scope accuracy"].startswith("90.00 ± ")
+    assert rows_md["dora"]["ECE (after scaling)"] == "5.00%" and rows_md["dora"]["OOS F1"] == "—"
+    assert all(rows_md["full"][h] == "—" for h in CONFIDENCE_HEADERS)
+    assert "OOS AUROC" in (tmp_path / "comparison.html").read_text()
+
+    old = tmp_path / "old"
+    only_old = [comparison.row(run, old, group, cell) for group, (cell, run) in made[3:]]
+    comparison.write(old, only_old, "old", "cmd")
+    assert not set(CONFIDENCE_HEADERS) & set(table(old)["full"])
+    assert csv_rows(old)[0]["ece_after"] == "" and csv_rows(old)[0]["auroc"] == ""

@@ -19,7 +19,8 @@ from peftlab import cli, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = Path("/usr/bin/chromium")
-COMMON = ["validation.png", "loss.png", "per_class_f1.png", "confused_pairs.png", "confusion.png"]
+COMMON = ["validation.png", "loss.png", "per_class_f1.png", "confused_pairs.png", "confusion.png",
+          "reliability.png"]  # every run now records calibration; no out-of-scope texts here: no rejection plots
 EXPECTED_PLOTS = {"lora": COMMON, "adalora": [*COMMON, "adalora_ranks.png", "adalora_budget.png"]}
 
 
@@ -201,3 +202,122 @@ def test_report_html_renders_in_headless_chromium_with_every_image_loaded(runs, 
                          check=True, capture_output=True, text=True, timeout=120).stdout
     n = len(EXPECTED_PLOTS["adalora"])
     assert f'data-images-loaded="{n}/{n}"' in dom, dom[:300]
+
+
+# ------------------------------------------------------------- calibration and out-of-scope rejection
+# From synthetic summaries (the sections confidence.fit writes): no training needed.
+
+SCORERS = ("msp", "energy", "mahalanobis", "knn")
+
+
+def reliability(shift: float) -> dict:
+    conf = [round((i + 0.5) / 15, 4) for i in range(15)]
+    count = [0] * 5 + [3, 0, 4, 6, 8, 10, 12, 20, 30, 40]  # the low-confidence bins are empty
+    return {"confidence": conf, "accuracy": [round(min(1.0, max(0.0, c - shift)), 4) for c in conf], "count": count}
+
+
+def synthetic_summary(**sections) -> dict:
+    s = {"method": "lora", "dataset": "banking77", "backbone": "tiny", "parameters": "1,000 of 100,000 (1.00%)",
+         "splits": {"train": 240, "validation": 30, "test": 60}, "optimizer_steps": 28, "best_epoch": 2,
+         "best_step": 28, "test_accuracy": 0.9, "test_f1": 0.89, "train_seconds": 60.0,
+         "train_samples_per_second": 100.0, "peak_memory_mb": 500.0}
+    return {**s, **sections}
+
+
+CALIBRATION = {"temperature": 1.42, "fitted_on": "validation (1000 texts)", "ece_before": 0.05, "ece_after": 0.012,
+               "brier_before": 0.1834, "brier_after": 0.1612, "reliability_before": reliability(0.1),
+               "reliability_after": reliability(0.01)}
+
+
+def rejection_section(with_oos: bool = True, method: str = "mahalanobis") -> dict:
+    rng = np.random.default_rng(0)
+    scorers, hists, curves = {}, {}, {}
+    for i, name in enumerate(SCORERS):
+        row = {"threshold": -12.5 if name == "mahalanobis" else 0.5 + i / 10, "in_scope_kept": 0.95 - i / 100,
+               "in_scope_accuracy": 0.88 - i / 100, "selected_by": "best out-of-scope F1 on validation (0.812)"}
+        if with_oos:
+            row.update(oos_precision=0.7, oos_recall=0.6 + i / 100, oos_f1=0.65, auroc=0.9 - i / 100, fpr_at_95=0.4,
+                       overall_accuracy=0.85)
+            edges = np.linspace(-1, 1, 31)
+            hists[name] = {"edges": edges.tolist(), "in": np.histogram(rng.normal(0.5, 0.2, 200), edges)[0].tolist(),
+                           "out": np.histogram(rng.normal(-0.3, 0.3, 50), edges)[0].tolist()}
+        scorers[name] = row
+        coverage = np.linspace(0.02, 1, 50)
+        curves[name] = {"coverage": coverage.round(4).tolist(), "risk": (0.12 * coverage ** (1 + i)).round(5).tolist()}
+    return {"method": method, "label": "out_of_scope", "threshold": scorers[method]["threshold"] if method != "none"
+            else None, "test_in_scope": 200, "test_out_of_scope": 50 if with_oos else 0, "validation_out_of_scope": 40,
+            "scorers": scorers, "histograms": hists, "risk_coverage": curves}
+
+
+def synthetic_run(folder: Path, summary: dict) -> Path:
+    folder.mkdir()
+    (folder / "labels.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b"}}))
+    written = report.write_report(folder, summary, [])
+    assert folder / "report.md" in written
+    return folder
+
+
+def test_report_has_calibration_and_rejection_sections_when_recorded(tmp_path):
+    run = synthetic_run(tmp_path / "run", synthetic_summary(calibration=CALIBRATION, rejection=rejection_section()))
+    md = (run / "report.md").read_text()
+    assert "## Calibration" in md and "## Out-of-scope rejection" in md
+    assert "| Metric | Before scaling | After scaling |" in md
+    assert "| Temperature | 1 | 1.42 |" in md
+    assert "| ECE (15 bins) | 5.00% | 1.20% |" in md
+    assert "| Brier score | 0.1834 | 0.1612 |" in md
+    assert ("The `mahalanobis` score decides: a text scoring below -12.5 is labelled `out_of_scope`. How the "
+            "threshold was chosen: best out-of-scope F1 on validation (0.812).") in md
+    assert ("| Scorer | Threshold | In-scope kept | In-scope accuracy | OOS precision | OOS recall | OOS F1 | AUROC "
+            "| FPR@95 | Overall accuracy |") in md
+    assert "| `msp` | 0.5 | 95.00% | 88.00% | 70.00% | 60.00% | 65.00% | 90.00% | 40.00% | 85.00% |" in md
+    assert "| **`mahalanobis`** (deciding) | -12.5 | 93.00% | 86.00% | 70.00% | 62.00% | 65.00% | 88.00% |" in md
+    assert sum(line.startswith("| `") or line.startswith("| **`") for line in md.splitlines()) == 4
+
+    linked = re.findall(r"!\[[^\]]*\]\(plots/([^)]+)\)", md)
+    assert linked == ["reliability.png", "ood_histograms.png", "risk_coverage.png"]
+    for name in linked:
+        assert (run / "plots" / name).read_bytes()[:8] == PNG_MAGIC, name
+        assert pixels(run / "plots" / name).std() > 0.01, name
+    page = (run / "report.html").read_text()
+    assert "<h2>Out-of-scope rejection</h2>" in page and "<strong><code>mahalanobis</code></strong> (deciding)" in page
+    assert page.count("data:image/png;base64,") == 3
+
+
+def test_rejection_plots_show_the_recorded_figures():
+    rej = rejection_section()
+    _blocks, figs = report.build(synthetic_summary(calibration=CALIBRATION, rejection=rej), [], {}, ["a", "b"])
+    # reliability: empty bins skipped, before and after, and the diagonal
+    lines = {ln.get_label(): ln for ln in figs["reliability.png"].axes[0].lines}
+    assert list(lines["perfectly calibrated"].get_xdata()) == [0, 100]
+    before = next(ln for label, ln in lines.items() if label.startswith("before"))
+    kept = [i for i, n in enumerate(CALIBRATION["reliability_before"]["count"]) if n]
+    assert np.allclose(before.get_xdata(), [100 * CALIBRATION["reliability_before"]["confidence"][i] for i in kept])
+    assert np.allclose(before.get_ydata(), [100 * CALIBRATION["reliability_before"]["accuracy"][i] for i in kept])
+    # one histogram panel per scorer, the deciding one named
+    axes = figs["ood_histograms.png"].axes
+    assert [ax.get_title() for ax in axes] == ["msp", "energy", "mahalanobis (deciding)", "knn"]
+    # risk–coverage: one line per scorer, in percent
+    curves = {ln.get_label(): ln for ln in figs["risk_coverage.png"].axes[0].lines}
+    assert list(curves) == ["msp", "energy", "mahalanobis (deciding)", "knn"]
+    assert np.allclose(curves["knn"].get_ydata(), [100 * r for r in rej["risk_coverage"]["knn"]["risk"]])
+
+
+def test_rejection_without_out_of_scope_test_texts_shows_in_scope_figures_only():
+    rej = rejection_section(with_oos=False, method="msp")
+    blocks, figs = report.build(synthetic_summary(calibration=CALIBRATION, rejection=rej), [], {}, ["a", "b"])
+    md = report.to_markdown(blocks)
+    assert "| Scorer | Threshold | In-scope kept | In-scope accuracy |\n" in md
+    assert "| **`msp`** (deciding) | 0.5 | 95.00% | 88.00% |" in md and "AUROC" not in md.split("| Scorer")[1]
+    assert sorted(figs) == ["reliability.png", "risk_coverage.png"]
+    rej = rejection_section(method="none")
+    md = report.to_markdown(report.build(synthetic_summary(rejection=rej), [], {}, ["a", "b"])[0])
+    assert "No score decides (ood.method none)" in md and "(deciding)" not in md
+    assert "## Calibration" not in md
+
+
+def test_report_without_confidence_sections_builds_as_before(tmp_path):
+    run = synthetic_run(tmp_path / "old", synthetic_summary())
+    md = (run / "report.md").read_text()
+    assert "Calibration" not in md and "Out-of-scope" not in md and "(deciding)" not in md
+    assert not re.findall(r"\(plots/[^)]+\)", md) and not list((run / "plots").iterdir())
+    assert "| **Test accuracy** | **90.00%** |" in md

@@ -62,6 +62,14 @@ def cmd_evaluate(args) -> int:
         return 0
     print(f"accuracy {100 * m['accuracy']:.2f}%  macro-F1 {100 * m['f1']:.2f}%  loss {m['loss']:.4f}  "
           f"({m['examples']} examples)")
+    c = m["confidence"]
+    print(f"calibration: temperature {c['temperature']:.3f}  ECE {100 * c['ece']:.2f}%  Brier {c['brier']:.4f}")
+    if "rejection" in c:
+        r = c["rejection"]
+        print(f"out of scope ({m['out_of_scope_examples']} texts, {r['method']}): in-scope accuracy "
+              f"{100 * r['in_scope_accuracy']:.2f}%  OOS recall {100 * r['oos_recall']:.2f}%  precision "
+              f"{100 * r['oos_precision']:.2f}%  F1 {100 * r['oos_f1']:.2f}%  AUROC {100 * r['auroc']:.2f}%  "
+              f"FPR@95 {100 * r['fpr_at_95']:.2f}%")
     print(f"\n{'label':<40} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
     for name, r in m["per_class"].items():
         print(f"{name:<40} {r['precision']:>9.3f} {r['recall']:>9.3f} {r['f1-score']:>9.3f} {int(r['support']):>8}")
@@ -85,10 +93,14 @@ def cmd_predict(args) -> int:
                             f"{', '.join(map(str, df.columns))}); use --text-column")
         texts = df[args.text_column].fillna("").astype(str).tolist()
         ids = df[args.id_column].tolist() if args.id_column in df.columns else list(range(len(df)))
-    results = predict(load(args.run, quantized=args.quantized), texts, args.batch_size, args.top_k)
-    out = pd.DataFrame({"id": ids, "label": [r[0][0] for r in results], "score": [round(r[0][1], 6) for r in results]})
+    predictor = load(args.run, quantized=args.quantized)
+    results = predict(predictor, texts, args.batch_size, args.top_k, args.threshold)
+    out = pd.DataFrame({"id": ids, "label": [r["label"] for r in results],
+                        "score": [round(r["score"], 6) for r in results], "in_scope": [r["in_scope"] for r in results]})
+    if predictor.confidence is not None and predictor.confidence.method != "none":
+        out["ood_score"] = [round(r["ood_score"], 6) for r in results]
     if args.top_k > 1:
-        out["top_k"] = [json.dumps([[lab, round(s, 6)] for lab, s in r]) for r in results]
+        out["top_k"] = [json.dumps([[lab, round(s, 6)] for lab, s in r["top_k"]]) for r in results]
     if args.output.endswith(".jsonl"):
         write_text(args.output, out.to_json(orient="records", lines=True))
     else:
@@ -224,12 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="label texts from a CSV/JSONL file (or - for stdin lines)")
     pr.add_argument("run", help="run folder")
     pr.add_argument("input", help="CSV/JSONL/Parquet file with a text column, or - for one text per stdin line")
-    pr.add_argument("-o", "--output", required=True, help="output .csv (id,label,score) or .jsonl")
+    pr.add_argument("-o", "--output", required=True,
+                    help="output .csv (id,label,score,in_scope[,ood_score][,top_k]) or .jsonl")
     pr.add_argument("--text-column", default="text")
     pr.add_argument("--id-column", default="id", help="copied to the output when present (else the row number)")
     pr.add_argument("--top-k", type=int, default=1, help="also write the k best labels with scores")
     pr.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE, help=f"texts per batch (default {EVAL_BATCH_SIZE})")
     pr.add_argument("--quantized", action="store_true", help="with an ONNX export: use its int8 model")
+    pr.add_argument("--threshold", type=float, help="override the run's out-of-scope threshold (its ood.method score)")
     pr.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("export", help="export a run: adapter, merged transformers model, or ONNX",

@@ -38,7 +38,24 @@ class Cell:
 CSV_COLUMNS = ("group", "method", "setting", "seed", "status", "error", "run", "dataset", "trainable_parameters",
                "total_parameters", "trainable_percent", "adalora_effective_parameters", "rank", "init_r",
                "budget", "budget_parameters", "test_accuracy", "test_f1", "best_epoch", "train_seconds",
-               "train_samples_per_second", "peak_memory_mb", "device")
+               "train_samples_per_second", "peak_memory_mb", "device", "ece_after", "oos_f1", "auroc", "fpr_at_95",
+               "in_scope_accuracy")
+# Confidence figures (summary.json's calibration and rejection sections, absent from older runs): the
+# group table shows a column for each only when some run has it. (key, header), all fractions.
+CONFIDENCE_COLUMNS = (("ece_after", "ECE (after scaling)"), ("oos_f1", "OOS F1"), ("auroc", "OOS AUROC"),
+                      ("fpr_at_95", "FPR@95"), ("in_scope_accuracy", "In-scope accuracy"))
+
+
+def confidence_figures(s: dict) -> dict:
+    """ece_after from the calibration section, and the deciding scorer's oos_f1, auroc, fpr_at_95 and
+    in_scope_accuracy from the rejection section (none when no scorer decides): None where absent."""
+    out = {k: None for k, _ in CONFIDENCE_COLUMNS}
+    out["ece_after"] = s.get("calibration", {}).get("ece_after")
+    rej = s.get("rejection") or {}
+    decided = rej.get("scorers", {}).get(rej.get("method")) if rej.get("method", "none") != "none" else None
+    for k in ("oos_f1", "auroc", "fpr_at_95", "in_scope_accuracy"):
+        out[k] = (decided or {}).get(k)
+    return out
 
 
 def row(run_dir: Path, folder: Path, label: str, cell: Cell) -> dict:
@@ -59,6 +76,7 @@ def row(run_dir: Path, folder: Path, label: str, cell: Cell) -> dict:
                init_r=a["init_r"] if cell.method == "adalora" else None,
                budget_parameters=effective if effective is not None else s["trainable_parameters"],
                _notes=s.get("notes", []), _versions=cfg.get(RUN_RECORD_KEY, {}).get("versions", {}))
+    row.update(confidence_figures(s))
     return row
 
 
@@ -82,6 +100,9 @@ def summarise(rows: list[dict]) -> list[dict]:
             g.update({k: first[k] for k in ("trainable_parameters", "total_parameters", "trainable_percent",
                                             "adalora_effective_parameters", "rank", "init_r", "budget_parameters")})
             g["peak_memory_mb"] = max(r["peak_memory_mb"] for r in ok)
+        for key, _ in CONFIDENCE_COLUMNS:  # over the runs that have it (older runs lack these sections)
+            have = [r[key] for r in ok if r.get(key) is not None]
+            g[key] = _stats(have) if have else None
         out.append(g)
     return out
 
@@ -142,8 +163,10 @@ def build(rows: list[dict], title: str, command: str, budget: int | None = None,
     header = ["Method", "Runs (n)", "Trainable parameters", "Trainable %", "Rank"]
     if budget:
         header.append(f"Budget used (of {budget:,})")
-    header += ["Test accuracy", "Test macro-F1", "Train min", "Train samples/s", "Peak memory MB (max)",
-               "AdaLoRA effective parameters"]
+    header += ["Test accuracy", "Test macro-F1"]
+    shown = [(k, h) for k, h in CONFIDENCE_COLUMNS if any(g.get(k) for g in groups)]
+    header += [h for _, h in shown]
+    header += ["Train min", "Train samples/s", "Peak memory MB (max)", "AdaLoRA effective parameters"]
     table = []
     for g in groups:
         if not g["n"]:
@@ -155,14 +178,17 @@ def build(rows: list[dict], title: str, command: str, budget: int | None = None,
         if budget:
             used = g["budget_parameters"]
             line.append(f"{used:,} ({100 * used / budget:.1f}%)" + (" **over budget**" if used > budget else ""))
-        line += [_pm(g["test_accuracy"]), _pm(g["test_f1"]), _pm(g["train_seconds"], 1 / 60, 1, ""),
+        line += [_pm(g["test_accuracy"]), _pm(g["test_f1"]), *(_pm(g[k]) for k, _ in shown),
+                 _pm(g["train_seconds"], 1 / 60, 1, ""),
                  f"{g['train_samples_per_second'][0]:.0f}", f"{g['peak_memory_mb']:.0f}",
                  f"{g['adalora_effective_parameters']:,}" if g["adalora_effective_parameters"] else "—"]
         table.append(line)
     blocks.append(("table", header, set(range(1, len(header))), table))
     blocks.append(("p", "Mean ± sample standard deviation over seeds (n runs each); every figure comes from "
                         "the runs' summary.json (one row per run in comparison.csv). Peak memory is the process's "
-                        "maximum RSS on CPU, the maximum allocated memory on a GPU."))
+                        "maximum RSS on CPU, the maximum allocated memory on a GPU."
+                        + (" ECE is after temperature scaling; the out-of-scope figures are the deciding scorer's "
+                           "(ood.method), over the runs that recorded them." if shown else "")))
     figs: dict[str, object] = {}
     plotted = [g for g in groups if g["n"]]
     if plotted:

@@ -63,6 +63,16 @@ class DataConfig:
         0.1, "Stratified validation split when there is no validation file: a fraction (<1) or a count.")
     max_train_examples: int | None = setting(None, "Use a stratified subset of the training set (quick runs).")
     max_test_examples: int | None = setting(None, "Use a stratified subset of the test set (quick runs).")
+    oos_label: str | None = setting(
+        None, "The label that means 'none of the intents' (CLINC150's 'oos'): its validation and test examples "
+        "measure out-of-scope rejection.")
+    oos_train: Literal["threshold", "class"] = setting(
+        "threshold", "With oos_label, its training examples are left out and rejection is by the scorer's "
+        "threshold ('threshold', Larson et al.'s oos-threshold), or they train one more class and predicting "
+        "it rejects ('class', oos-train).")
+    known_intents: float | None = setting(
+        None, "Open-intent protocol: train on this seeded random fraction of the intents (0.75: three in four, "
+        "chosen by train.seed); the others are out of scope in validation and test.")
 
 
 @dataclass
@@ -131,12 +141,31 @@ class TrainConfig:
     tracking_project: str = setting("peftlab", "MLflow experiment and W&B project name.")
 
 
+OOD_SCORERS = ("msp", "energy", "mahalanobis", "knn")
+
+
+@dataclass
+class OodConfig:
+    method: Literal["none", "msp", "energy", "mahalanobis", "knn"] = setting(
+        "none", "Out-of-scope rejection: none, or the score that decides — msp (calibrated top probability), "
+        "energy (logsumexp of the logits), mahalanobis (distance to the nearest class mean of the pooled "
+        "features), knn (cosine similarity to the k-th nearest training text). The report shows all of them.")
+    keep_in_scope: float = setting(
+        0.95, "The threshold keeps this fraction of in-scope validation texts; with out-of-scope validation "
+              "examples (data.oos_label, data.known_intents) it maximises out-of-scope F1 instead.")
+    label: str = setting("out_of_scope", "The label predict and serve give a rejected text.")
+    knn_k: int = setting(10, "knn: which nearest training text (by cosine similarity) scores a text.")
+    calibrate: bool = setting(
+        True, "Fit a temperature on validation after training, so that scores are calibrated probabilities.")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ood: OodConfig = field(default_factory=OodConfig)
     output_dir: str = setting("runs", "Folder in which run folders are created.")
     run_name: str | None = setting(None, "Run folder name; default <dataset>-<method>-<time>.")
 
@@ -254,6 +283,20 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"model.max_length_tokens must be at least 8 (got {cfg.model.max_length_tokens})")
     if d.validation_size <= 0:
         problems.append(f"data.validation_size must be positive (got {d.validation_size:g})")
+    if d.known_intents is not None and not 0 < d.known_intents < 1:
+        problems.append(f"data.known_intents must be a fraction in (0, 1), such as 0.75 (got {d.known_intents:g})")
+    if d.known_intents is not None and d.oos_label is not None:
+        problems.append("data: give data.oos_label (data with an out-of-scope label) or data.known_intents "
+                        "(intents held out as out of scope), not both")
+    if d.oos_label is not None and not str(d.oos_label).strip():
+        problems.append("data.oos_label must be a label name, not empty")
+    o = cfg.ood
+    if not 0 < o.keep_in_scope <= 1:
+        problems.append(f"ood.keep_in_scope must be in (0, 1], such as 0.95 (got {o.keep_in_scope:g})")
+    if o.knn_k < 1:
+        problems.append(f"ood.knn_k must be at least 1 (got {o.knn_k})")
+    if not o.label.strip():
+        problems.append("ood.label must be a label name, not empty")
     if d.dataset is None and d.train_file is None:
         problems.append("data: give data.dataset (banking77, ag_news) or data.train_file")
     if d.dataset is not None and d.train_file is not None:
@@ -343,7 +386,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     """Read a YAML config (optional) and apply ``key=value`` overrides; raise ConfigError on any problem."""
     data: dict = {}
     if path is not None:
-        data = read_yaml(Path(path), "config file", "a mapping of sections (model, data, adapter, train)")
+        data = read_yaml(Path(path), "config file", "a mapping of sections (model, data, adapter, train, ood)")
         data.pop(RUN_RECORD_KEY, None)  # a run folder's config.yaml re-runs as is
     return from_dict(merge(data, parse_overrides(overrides or [])), str(path) if path is not None else None)
 

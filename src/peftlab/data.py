@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
@@ -52,9 +53,14 @@ class Splits:
     name: str
     notes: list[str] = field(default_factory=list)
     files: dict[str, dict] = field(default_factory=dict)  # what was read: role → path, size, SHA-256
+    # Out-of-scope texts of validation and test (data.oos_label, data.known_intents): text + original label.
+    # They are in neither ``validation`` nor ``test``, which hold in-scope texts only.
+    oos: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+        out = {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+        out.update({f"{split}_out_of_scope": len(frame) for split, frame in self.oos.items()})
+        return out
 
     def label_counts(self) -> dict[str, dict[str, int]]:
         """Examples per label name in each split (the report plots test F1 against training examples)."""
@@ -282,6 +288,21 @@ def load(cfg: DataConfig, seed: int) -> Splits:
         frames["validation"] = to_frame(read_table(cfg.validation_file), text_cols, label_col, cfg.validation_file)
         files["validation"] = file_record(cfg.validation_file)
     train, test = frames["train"], frames["test"]
+    oos_names = set()
+    if cfg.oos_label is not None:
+        oos_names = {cfg.oos_label}
+        everywhere = set(train["label"]) | set(test["label"]) | set(frames.get("validation", train)["label"])
+        if cfg.oos_label not in everywhere:
+            raise DataError(f"data.oos_label {cfg.oos_label!r} occurs in no split"
+                            f"{did_you_mean(cfg.oos_label, sorted(everywhere))}; name the label that marks "
+                            "out-of-scope examples, or remove the key")
+        if cfg.oos_train == "class" and cfg.oos_label not in set(train["label"]):
+            raise DataError(f"data.oos_train class: the training data has no {cfg.oos_label!r} examples to train "
+                            "the class on; use data.oos_train threshold")
+    elif cfg.known_intents is not None:
+        oos_names = _held_out_intents(sorted(set(train["label"])), cfg.known_intents, seed)
+    if oos_names:  # test labels of held-out intents are out of scope, not unseen
+        test, test_oos = test[~test["label"].isin(oos_names)], test[test["label"].isin(oos_names)]
     seen = set(train["label"])
     unseen = sorted(set(test["label"]) - seen)
     if unseen:
@@ -293,6 +314,8 @@ def load(cfg: DataConfig, seed: int) -> Splits:
                         "least 2 — check data.label_column")
     if names is None or set(names) != seen:
         names = sorted(seen)
+    if oos_names and not (cfg.oos_label is not None and cfg.oos_train == "class"):
+        names = [n for n in names if n not in oos_names]
     if cfg.max_train_examples and cfg.max_train_examples < len(train):
         _, train = stratified_take(train, cfg.max_train_examples, seed)
     if cfg.max_test_examples and cfg.max_test_examples < len(test):
@@ -301,8 +324,28 @@ def load(cfg: DataConfig, seed: int) -> Splits:
         validation = frames["validation"]
     else:
         train, validation = stratified_take(train, cfg.validation_size, seed)
+    oos = {}
+    if oos_names:
+        train = train[train["label"].isin(names)].reset_index(drop=True)
+        oos = {"validation": validation[validation["label"].isin(oos_names)].reset_index(drop=True),
+               "test": test_oos.reset_index(drop=True)}
+        validation = validation[~validation["label"].isin(oos_names)].reset_index(drop=True)
+        test = test.reset_index(drop=True)
     labels = LabelMap(list(names))
     extra = sorted(set(validation["label"]) - set(labels.names))
     if extra:
         raise DataError(f"validation labels not in the training data: {', '.join(extra[:5])}")
-    return Splits(train, validation, test, labels, name, notes, files)
+    return Splits(train, validation, test, labels, name, notes, files, oos)
+
+
+def _held_out_intents(names: list[str], fraction: float, seed: int) -> set[str]:
+    """The intents that ``data.known_intents`` leaves out: all but a seeded random ``fraction`` of them."""
+    keep = round(fraction * len(names))
+    if keep < 2:
+        raise DataError(f"data.known_intents {fraction:g} keeps {keep} of {len(names)} intents; classification "
+                        f"needs at least 2: raise it to {2 / len(names):.2f} or more")
+    if keep >= len(names):
+        raise DataError(f"data.known_intents {fraction:g} keeps all {len(names)} intents, so none is out of scope: "
+                        f"lower it below {(len(names) - 0.5) / len(names):.2f}")
+    order = np.random.RandomState(seed).permutation(len(names))
+    return {names[i] for i in order[keep:]}

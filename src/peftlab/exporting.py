@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import confidence
 from . import predictor as predictor_mod
 from .data import read_labelled
 from .errors import DataError, ExportError
 from .files import atomic_folder, write_json
+from .modeling import capture_pooled_features
 from .predictor import Predictor
 from .rundir import (
     ADAPTER,
@@ -42,6 +44,10 @@ FORMATS = ("adapter", "merged", "onnx")
 # kernels reorder sums (~1e-6 here); anything near 1e-3 means a wrong graph or lost weights.
 MAX_LOGIT_DIFF = 1e-3
 ONNX_OPSET = 17
+# The same for the out-of-scope score, relative to the largest score (a Mahalanobis distance sums hundreds
+# of squared terms; merged and ONNX exports of MiniLM showed ~1e-5): only a score this close to the
+# threshold can decide differently.
+MAX_SCORE_DIFF = 1e-4
 
 
 def export(run: str | Path, fmt: str, out: str | Path | None = None, quantize: bool = False,
@@ -64,13 +70,16 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None, quantize: b
     started = time.perf_counter()
     reference = predictor_mod.load(run_path)
     ids = reference.encode(texts)
-    ref_logits = reference.logits_from_ids(ids)
+    ref_out = _outputs(reference, ids)
     y = None if labels_true is None else np.array([reference.labels.ids.get(x, -1) for x in labels_true])
     record = {"format": fmt, "source_run": str(run_path.resolve()), "method": method,
               "backbone": cfg["model"]["name"], "max_length_tokens": cfg["model"]["max_length_tokens"],
               "versions": versions()}
     with atomic_folder(target) as tmp:  # renamed into place only when the check below passes
         shutil.copy(run_path / LABELS, tmp / LABELS)
+        for name in (confidence.FILE, confidence.TENSORS):  # temperature, threshold, class statistics
+            if (run_path / name).is_file():
+                shutil.copy(run_path / name, tmp / name)
         if fmt == "adapter":
             for f in (run_path / ADAPTER).iterdir():
                 if f.is_file():
@@ -86,13 +95,19 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None, quantize: b
         write_json(tmp / EXPORT_RECORD, record)  # the loader needs it; rewritten below with the check
 
         parity = {"examples": len(texts), "data": str(data) if data else "the run's test split"}
-        parity.update(_compare(ref_logits, predictor_mod.load(tmp).logits_from_ids(ids), y))
-        if parity["max_abs_logit_diff"] > MAX_LOGIT_DIFF:
+        parity.update(_compare(reference, ref_out, predictor_mod.load(tmp), ids, y))
+        if parity["max_abs_logit_diff"] > MAX_LOGIT_DIFF or parity.get("max_rel_score_diff", 0.0) > MAX_SCORE_DIFF:
             raise ExportError(f"the {fmt} export does not reproduce the run: max logit difference "
-                              f"{parity['max_abs_logit_diff']:.2e}, label agreement {100 * parity['label_agreement']:.2f}%")
+                              f"{parity['max_abs_logit_diff']:.2e}, label agreement {100 * parity['label_agreement']:.2f}%"
+                              + (f", out-of-scope decisions agree on {100 * parity['decision_agreement']:.2f}%"
+                                 if "decision_agreement" in parity else ""))
         if quantize:
             _quantize(tmp / ONNX_FILE, tmp / ONNX_INT8_FILE)
-            parity["int8"] = _compare(ref_logits, predictor_mod.load(tmp, quantized=True).logits_from_ids(ids), y)
+            parity["int8"] = _compare(reference, ref_out, predictor_mod.load(tmp, quantized=True), ids, y)
+            if parity["int8"].get("decision_agreement", 1.0) < 0.99:
+                log.warning("export: the int8 model decides out-of-scope differently from the run on %.1f%% of the "
+                            "parity texts (int8 weights move the pooled features); the fp32 ONNX model agrees",
+                            100 * (1 - parity["int8"]["decision_agreement"]))
         record["parity"] = parity
         record["seconds"] = round(time.perf_counter() - started, 2)
         write_json(tmp / EXPORT_RECORD, record)
@@ -115,13 +130,30 @@ def _parity_texts(run_path: Path, cfg: dict, data, n: int) -> tuple[list[str], l
     return frame["text"].tolist(), labels
 
 
-def _compare(ref: np.ndarray, got: np.ndarray, y: np.ndarray | None) -> dict:
-    """Max logit difference, label agreement and, with true labels ``y`` (ids), both accuracies."""
+def _outputs(pred: Predictor, ids) -> tuple[np.ndarray, np.ndarray | None]:
+    if pred.needs_features:
+        return pred.logits_from_ids(ids, features=True)
+    return pred.logits_from_ids(ids), None
+
+
+def _compare(reference: Predictor, ref_out, export: Predictor, ids, y: np.ndarray | None) -> dict:
+    """Max logit difference, label agreement, agreement of out-of-scope decisions (when the run rejects)
+    and, with true labels ``y`` (ids), both accuracies."""
+    ref, ref_features = ref_out
+    got, features = _outputs(export, ids)
     out = {"max_abs_logit_diff": float(np.abs(ref - got).max()),
            "label_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
-    if y is not None:
-        out["accuracy_reference"] = float((ref.argmax(-1) == y).mean())
-        out["accuracy_export"] = float((got.argmax(-1) == y).mean())
+    conf = reference.confidence
+    if conf is not None and conf.rejects:
+        ref_accept, ref_scores = conf.decide(ref, ref_features)
+        accept, scores = export.confidence.decide(got, features)
+        out.update(decision_agreement=float((ref_accept == accept).mean()), in_scope_kept=float(accept.mean()))
+        if scores is not None:  # relative to the scores' size: Mahalanobis distances run into the hundreds
+            out["max_rel_score_diff"] = float(np.abs(ref_scores - scores).max() / (1 + np.abs(ref_scores).max()))
+    if y is not None and (y >= 0).any():  # in-scope texts only (-1: out of scope)
+        known = y >= 0
+        out["accuracy_reference"] = float((ref.argmax(-1) == y)[known].mean())
+        out["accuracy_export"] = float((got.argmax(-1) == y)[known].mean())
     return out
 
 
@@ -137,23 +169,25 @@ def _merge(reference: Predictor):
 
 def _export_onnx(model, pad_id: int, file: Path) -> None:
     """torch.onnx (TorchScript exporter) with dynamic batch and sequence axes; inputs ids + mask."""
-    class Logits(torch.nn.Module):  # the exported graph returns a tensor, not a ModelOutput
+    class Outputs(torch.nn.Module):  # the graph returns tensors: logits and the pooled features
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
         def forward(self, input_ids, attention_mask):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+            with capture_pooled_features(self.inner) as seen:
+                logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+            return logits, seen[-1]
 
     ids = torch.full((2, 8), pad_id, dtype=torch.long)
     ids[:, :5] = torch.arange(100, 105)
     mask = (ids != pad_id).long()
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-            "logits": {0: "batch"}}
+            "logits": {0: "batch"}, "features": {0: "batch"}}
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about Python bools in the attention mask code
-        torch.onnx.export(Logits(model), (ids, mask), str(file), input_names=["input_ids", "attention_mask"],
-                          output_names=["logits"], dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
+        torch.onnx.export(Outputs(model), (ids, mask), str(file), input_names=["input_ids", "attention_mask"],
+                          output_names=["logits", "features"], dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
 
 
 def _quantize(src: Path, dst: Path) -> None:

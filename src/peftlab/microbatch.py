@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .predictor import top_labels
+from .predictor import results
 
 log = logging.getLogger("peftlab")
 
@@ -26,6 +26,7 @@ class _Job:
     adapter: str
     texts: list[str]
     top_k: int
+    threshold: float | None
     future: asyncio.Future
 
 
@@ -34,12 +35,15 @@ def _new_counters() -> dict[str, int]:
     return {"requests": 0, "texts": 0, "batches": 0, "largest_batch_texts": 0}
 
 
-def _classify(predictor, jobs: list[_Job]) -> list[list[list[tuple[str, float]]]]:
-    """Runs on the model thread: one model call for all texts of ``jobs``, then each job's top-k."""
-    logits = predictor.logits([t for job in jobs for t in job.texts])
+def _classify(predictor, jobs: list[_Job]) -> list[list[dict]]:
+    """Runs on the model thread: one model call for all texts of ``jobs``, then each job's records
+    (``predictor.results``: top-k, calibrated scores, out-of-scope decision at the job's threshold)."""
+    logits, features = predictor.outputs([t for job in jobs for t in job.texts])
     out, start = [], 0
     for job in jobs:
-        out.append(top_labels(logits[start:start + len(job.texts)], predictor.labels, job.top_k))
+        rows = slice(start, start + len(job.texts))
+        out.append(results(predictor, logits[rows], None if features is None else features[rows], job.top_k,
+                           job.threshold))
         start += len(job.texts)
     return out
 
@@ -66,10 +70,10 @@ class Batcher:
             self._loop, self._pending, self._wakeup = loop, deque(), asyncio.Event()
             self._task = loop.create_task(self._work(self._pending, self._wakeup))
 
-    async def classify(self, adapter: str, texts: list[str], top_k: int):
-        """Each text's top-k (label, score) pairs, computed in a batch shared with concurrent requests."""
+    async def classify(self, adapter: str, texts: list[str], top_k: int, threshold: float | None = None):
+        """Each text's record (``predictor.results``), computed in a batch shared with concurrent requests."""
         self._ensure_worker()
-        job = _Job(adapter, texts, top_k, self._loop.create_future())
+        job = _Job(adapter, texts, top_k, threshold, self._loop.create_future())
         self._pending.append(job)
         self._wakeup.set()
         return await job.future

@@ -367,3 +367,28 @@ def merged_for_inference(model):
         yield model
     finally:
         model.unmerge_adapter()
+
+
+@contextlib.contextmanager
+def capture_pooled_features(model):
+    """Yield a list that each forward pass appends the pooled features of its batch to: the input of the
+    classification head's output layer (BERT: the pooler output; RoBERTa, MPNet: the head's dense + tanh).
+
+    Every non-adapter nn.Linear with num_labels outputs is hooked — a PEFT head has an original and a trained
+    copy, of which one runs — and the head runs last in the forward, so the last capture is its input.
+    """
+    num_labels = model.config.num_labels
+    seen: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        seen.append(args[0])
+
+    handles = [m.register_forward_hook(keep) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and m.out_features == num_labels and "lora_" not in name]
+    if not handles:
+        raise RunError(f"found no output layer with {num_labels} outputs in the model's head")
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,6 +1,6 @@
 """A run's report, from its folder alone: report.md (the per-epoch table that fine-tuning write-ups
 paste from the Trainer — Epoch | Training Loss | Validation Loss | Accuracy | F1 — the summary they
-assemble by hand, plots) and report.html (the same tables, the plots inlined as data: URIs, so it opens
+assemble by hand, plots, and when summary.json has them calibration and out-of-scope rejection) and report.html (the same tables, the plots inlined as data: URIs, so it opens
 anywhere without a server). Written at the end of `train`; `peftlab report RUN` writes it again.
 
 No torch import. matplotlib is imported inside the plotting functions and used through its
@@ -194,6 +194,67 @@ def plot_rank_budget(adalora: dict):
     return fig
 
 
+def plot_reliability(before: dict, after: dict, temperature: float | None = None):
+    """Accuracy against mean confidence per confidence bin (empty bins skipped), before and after
+    temperature scaling, with the diagonal of perfect calibration."""
+    fig, ax = figure(6, 5)
+    ax.plot([0, 100], [0, 100], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    after_label = "after temperature scaling" + (f" (T={temperature:.3g})" if temperature is not None else "")
+    for points, label, marker in ((before, "before (softmax of the logits)", "o"), (after, after_label, "s")):
+        kept = [(c, a) for c, a, n in zip(points["confidence"], points["accuracy"], points["count"], strict=True) if n]
+        ax.plot([100 * c for c, _ in kept], [100 * a for _, a in kept], marker=marker, label=label)
+    ax.set(xlim=(0, 100), ylim=(0, 100), xlabel="confidence: mean top probability in the bin (%)",
+           ylabel="accuracy in the bin (%)", title="Reliability diagram (test set)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_score_histograms(histograms: dict[str, dict], deciding: str | None = None,
+                          thresholds: dict[str, float] | None = None):
+    """One panel per scorer: the share of in-scope and of out-of-scope test texts in each score bin
+    (each set sums to 100 %, so both show whatever their sizes), with the scorer's threshold."""
+    from matplotlib.figure import Figure
+
+    names = list(histograms)
+    fig = Figure(figsize=(3.2 * len(names) + 0.6, 3.4), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names, strict=True):
+        h = histograms[name]
+        for key, label, colour in (("in", "in scope", "#4f81bd"), ("out", "out of scope", "#c0504d")):
+            total = sum(h[key]) or 1
+            ax.stairs([100 * n / total for n in h[key]], h["edges"], fill=True, alpha=0.45, color=colour, label=label)
+        t = (thresholds or {}).get(name)
+        if t is not None and h["edges"][0] <= t <= h["edges"][-1]:
+            ax.axvline(t, color="black", linestyle="--", linewidth=1, label="threshold")
+        elif t is not None:  # drawn, it would squash the histograms into a corner
+            ax.text(0.02, 0.97, f"threshold {t:.4g}\n(off the chart)", transform=ax.transAxes, va="top", fontsize=7)
+        ax.set_xlim(h["edges"][0], h["edges"][-1])
+        ax.set(xlabel=f"{name} score (higher: more in scope)", title=name + (" (deciding)" if name == deciding else ""))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of texts (%)")
+    handles = {}  # one legend below the panels, where it hides no bar (any panel may lack the threshold)
+    for ax in axes:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=len(handles), fontsize=8)
+    fig.suptitle("In-scope and out-of-scope test scores")
+    return fig
+
+
+def plot_risk_coverage(curves: dict[str, dict], deciding: str | None = None):
+    """Selective classification on in-scope test texts: the error rate among the texts each scorer is
+    most confident about, against the fraction kept."""
+    fig, ax = figure(8, 4)
+    for name, c in curves.items():
+        ax.plot([100 * x for x in c["coverage"]], [100 * y for y in c["risk"]],
+                linewidth=2.5 if name == deciding else 1.5, label=name + (" (deciding)" if name == deciding else ""))
+    ax.set(xlim=(0, 100), xlabel="coverage: in-scope test texts kept, most confident first (%)",
+           ylabel="risk: error rate among those kept (%)", title="Risk–coverage per scorer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -224,6 +285,78 @@ def _summary_table(s: dict) -> tuple:
         ["Peak memory", f"{s['peak_memory_mb']:.0f} MB"],
     ]
     return ("table", ["Metric", "Value"], set(), rows)
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def _number(x: float | None, spec: str = ".4g") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+OOS_COLUMNS = (("oos_precision", "OOS precision"), ("oos_recall", "OOS recall"), ("oos_f1", "OOS F1"),
+               ("auroc", "AUROC"), ("fpr_at_95", "FPR@95"), ("overall_accuracy", "Overall accuracy"))
+
+
+def calibration_blocks(c: dict, figs: dict[str, object]) -> list[tuple]:
+    """The Calibration section: temperature, ECE and Brier before/after, and the reliability diagram."""
+    rows = [["Temperature", "1", f"{c['temperature']:.4g}"],
+            ["ECE (15 bins)", _pct(c.get("ece_before")), _pct(c.get("ece_after"))],
+            ["Brier score", _number(c.get("brier_before"), ".4f"), _number(c.get("brier_after"), ".4f")]]
+    blocks = [("h2", "Calibration"),
+              ("p", f"Temperature scaling divides the logits by T = {c['temperature']:.4g}, fitted on "
+                    f"{c.get('fitted_on', 'validation')} by negative log-likelihood; ECE (expected calibration "
+                    "error) and the Brier score are on the test set, lower is better."),
+              ("table", ["Metric", "Before scaling", "After scaling"], {1, 2}, rows)]
+    if c.get("reliability_before") and c.get("reliability_after"):
+        figs["reliability.png"] = plot_reliability(c["reliability_before"], c["reliability_after"], c["temperature"])
+        blocks.append(("img", "reliability.png", "Reliability diagram: accuracy against confidence per bin, "
+                                                 "before and after temperature scaling"))
+    return blocks
+
+
+def rejection_blocks(r: dict, figs: dict[str, object]) -> list[tuple]:
+    """The Out-of-scope rejection section: which scorer decides, a row per scorer, histograms, risk–coverage."""
+    method, scorers = r.get("method", "none"), r.get("scorers", {})
+    deciding = method if method in scorers else None
+    blocks: list[tuple] = [("h2", "Out-of-scope rejection")]
+    if deciding:
+        s = scorers[deciding]
+        threshold = r.get("threshold") if r.get("threshold") is not None else s.get("threshold")
+        blocks.append(("p", f"The `{deciding}` score decides: a text scoring below {_number(threshold)} is labelled "
+                            f"`{r.get('label', 'out_of_scope')}`. How the threshold was chosen: "
+                            f"{s.get('selected_by', '?')}."))
+    else:
+        how = ("best out-of-scope F1" if r.get("validation_out_of_scope") else
+               "keeping a fixed share (ood.keep_in_scope) of in-scope texts")
+        blocks.append(("p", "No score decides (ood.method none): no text is rejected by a score. Each row shows "
+                            f"what a scorer would do at the threshold chosen on validation by {how}."))
+    oos = r.get("test_out_of_scope", 0)
+    blocks.append(("p", f"Test: {r.get('test_in_scope', 0):,} in-scope and {oos:,} out-of-scope texts; validation: "
+                        f"{r.get('validation_out_of_scope', 0):,} out-of-scope texts. In-scope accuracy counts a "
+                        "rejected in-scope text as wrong; out-of-scope is the positive class of precision, recall "
+                        "and F1; FPR@95 is the share of out-of-scope texts accepted at the threshold that keeps 95 % "
+                        "of in-scope texts." + ("" if oos else " Without out-of-scope test texts only the in-scope "
+                                                           "figures can be measured.")))
+    extra = [(k, h) for k, h in OOS_COLUMNS if any(k in s for s in scorers.values())]
+    header = ["Scorer", "Threshold", "In-scope kept", "In-scope accuracy", *(h for _, h in extra)]
+    rows = []
+    for name, s in scorers.items():
+        label = f"**`{name}`** (deciding)" if name == deciding else f"`{name}`"
+        rows.append([label, _number(s.get("threshold")), _pct(s.get("in_scope_kept")), _pct(s.get("in_scope_accuracy")),
+                     *(_pct(s.get(k)) for k, _ in extra)])
+    blocks.append(("table", header, set(range(1, len(header))), rows))
+    hists = {k: v for k, v in r.get("histograms", {}).items() if v}
+    if hists:
+        figs["ood_histograms.png"] = plot_score_histograms(
+            hists, deciding, {k: scorers.get(k, {}).get("threshold") for k in hists})
+        blocks.append(("img", "ood_histograms.png", "Scores of in-scope and out-of-scope test texts, per scorer"))
+    curves = {k: v for k, v in r.get("risk_coverage", {}).items() if v and v.get("coverage")}
+    if curves:
+        figs["risk_coverage.png"] = plot_risk_coverage(curves, deciding)
+        blocks.append(("img", "risk_coverage.png", "Risk–coverage of in-scope test texts, per scorer"))
+    return blocks
 
 
 def build(summary: dict, history: list[dict], test: dict, names: list[str]) -> tuple[list[tuple], dict[str, object]]:
@@ -258,6 +391,11 @@ def build(summary: dict, history: list[dict], test: dict, names: list[str]) -> t
     if not (train_counts and "confusion" in test):
         blocks.append(("p", "Per-class training counts or the test confusion matrix were not recorded by this "
                             "run (older peftlab); retrain for the per-class plots."))
+
+    if "calibration" in summary:
+        blocks += calibration_blocks(summary["calibration"], figs)
+    if "rejection" in summary:
+        blocks += rejection_blocks(summary["rejection"], figs)
 
     if "adalora" in summary:
         a = summary["adalora"]

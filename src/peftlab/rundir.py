@@ -62,7 +62,9 @@ NAME = re.compile(NAME_PATTERN)
 
 # Where a run runs and where trackers write do not change its result: not part of a run's identity.
 NOT_IDENTITY = {"data.data_dir", "output_dir", "run_name", "train.num_threads", "train.report_to",
-                "train.tracking_dir", "train.tracking_project", "train.checkpoint_every_steps"}
+                "train.tracking_dir", "train.tracking_project", "train.checkpoint_every_steps",
+                # decided after training: a resumed run may choose them anew
+                "ood.method", "ood.keep_in_scope", "ood.label", "ood.knn_k", "ood.calibrate"}
 # Locations: compared as absolute paths (runs before 0.1 recorded them as given).
 PATH_KEYS = {"model.name", "data.train_file", "data.validation_file", "data.test_file"}
 
@@ -203,8 +205,9 @@ def run_config(recorded: dict) -> Config:
 
 
 def test_split(path: Path, recorded: dict, strict: bool = True):
-    """The run's own test split (text/label frame), read again from the data files it recorded. A file that
-    changed since training is a DataError (``strict``) or a logged warning."""
+    """The run's own test split (text/label frame), read again from the data files it recorded, with its
+    out-of-scope texts (data.oos_label, data.known_intents) under their own labels. A file that changed
+    since training is a DataError (``strict``) or a logged warning."""
     from . import data as data_mod  # pandas: only when data is read
 
     changed = data_mod.changed_files(recorded.get(RUN_RECORD_KEY, {}).get("data_files", {}))
@@ -214,7 +217,10 @@ def test_split(path: Path, recorded: dict, strict: bool = True):
     for line in changed:
         log.warning("%s", line)
     cfg = run_config(recorded)
-    return data_mod.load(cfg.data, cfg.train.seed).test
+    splits = data_mod.load(cfg.data, cfg.train.seed)
+    if "test" in splits.oos and len(splits.oos["test"]):
+        return data_mod.pd.concat([splits.test, splits.oos["test"]], ignore_index=True)
+    return splits.test
 
 
 # ------------------------------------------------------------------------------------ loading a run

@@ -29,7 +29,7 @@ from .config import ServeLimits, make_limits
 from .errors import ConfigError, PeftlabError, RunError
 from .files import read_yaml
 from .microbatch import Batcher
-from .predictor import load_many
+from .predictor import check_threshold, load_many
 from .rundir import CONFIG, EXPORT_RECORD, NAME, NAME_PATTERN, check_servable
 
 log = logging.getLogger("peftlab")
@@ -88,6 +88,13 @@ def read_config(path: str | Path) -> tuple[dict[str, Path], dict]:
     return adapters, limits
 
 
+def _confidence_info(predictor) -> dict:
+    conf = predictor.confidence
+    if conf is None:
+        return {"temperature": 1.0, "ood_method": "none", "ood_threshold": None}
+    return {"temperature": conf.temperature, "ood_method": conf.method, "ood_threshold": conf.threshold}
+
+
 # --- HTTP ------------------------------------------------------------------------------------------
 
 class ClassifyRequest(BaseModel):
@@ -97,6 +104,16 @@ class ClassifyRequest(BaseModel):
     adapter: str | None = Field(None, pattern=NAME_PATTERN,
                                 description="adapter name from GET /v1/adapters; optional when only one is loaded")
     top_k: int = Field(1, ge=1, description="how many labels per text, best first (at most the number of labels)")
+    threshold: float | None = Field(
+        None, description="override the adapter's out-of-scope threshold on its ood_score (GET /v1/adapters shows "
+                          "the scorer and its trained threshold)")
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _json_number(cls, v):
+        if isinstance(v, bool | str):
+            raise PydanticCustomError("float_type", "Input should be a valid number")
+        return v
 
     @field_validator("top_k", mode="before")
     @classmethod
@@ -109,11 +126,15 @@ class ClassifyRequest(BaseModel):
 
 class LabelScore(BaseModel):
     label: str
-    score: float = Field(description="softmax probability")
+    score: float = Field(description="calibrated probability (softmax of the temperature-scaled logits)")
 
 
 class TextResult(LabelScore):
-    top_k: list[LabelScore] = Field(description="the top_k best labels, best first (the first is label/score)")
+    in_scope: bool = Field(description="false: the out-of-scope scorer rejected the text, whose label is then the "
+                                       "out-of-scope label (top_k still lists the intents)")
+    ood_score: float | None = Field(description="the deciding out-of-scope score (higher: more in scope); null when "
+                                                "the adapter rejects nothing")
+    top_k: list[LabelScore] = Field(description="the top_k best intents, best first")
 
 
 class ClassifyResponse(BaseModel):
@@ -228,17 +249,20 @@ def create_app(adapters: dict[str, str | Path], limits: ServeLimits | None = Non
         num_labels = len(predictors[name].labels)
         if req.top_k > num_labels:
             raise HTTPException(422, f"top_k: {req.top_k} is more than adapter '{name}' has labels ({num_labels})")
-        ranked = await batcher.classify(name, list(req.texts), req.top_k)
+        try:
+            check_threshold(predictors[name], req.threshold)
+        except RunError as e:
+            raise HTTPException(422, str(e)) from None
+        records = await batcher.classify(name, list(req.texts), req.top_k, req.threshold)
         return {"adapter": name, "results": [
-            {"label": r[0][0], "score": r[0][1], "top_k": [{"label": lab, "score": s} for lab, s in r]}
-            for r in ranked]}
+            {**r, "top_k": [{"label": lab, "score": s} for lab, s in r["top_k"]]} for r in records]}
 
     @app.get("/v1/adapters")
     async def list_adapters() -> dict:
         """Loaded adapters: kind, labels, source folder, which base model they share, counters."""
         return {"adapters": [
             {"name": n, "kind": p.kind, "num_labels": len(p.labels), "labels": list(p.labels.names),
-             "source": p.source, "base": base_of[n], **batcher.per_adapter[n]}
+             "source": p.source, "base": base_of[n], **_confidence_info(p), **batcher.per_adapter[n]}
             for n, p in predictors.items()]}
 
     @app.get("/healthz")

@@ -14,10 +14,11 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
 
-from . import modeling, rundir, tracking
+from . import confidence, modeling, rundir, tracking
 from .config import EVAL_BATCH_SIZE, Config, check_adalora_schedule
 from .data import load as load_data
 from .data import read_labelled
@@ -90,11 +91,10 @@ def train(cfg: Config, resume: bool | None = None) -> Path:
                      adalora_final=adalora_final_step(total_steps, schedule[1]) if schedule else None,
                      extra=extra, on_eval=tracker.log_eval, resume=state)
         if procs.is_main_process:
-            test_ids = encode(splits.test.text, tokenizer, max_len)
-            t0 = time.perf_counter()
             with modeling.merged_for_inference(model):
-                logits = predict_logits(model, test_ids, pad_id, cfg.train.eval_batch_size)
-            eval_seconds = time.perf_counter() - t0
+                outputs = _inference(model, cfg, splits, train_set, validation, tokenizer)
+            eval_seconds = outputs.pop("seconds")
+            test_ids, logits = outputs["test_ids"], outputs["test"].logits
             test = metrics(logits, splits.labels.encode(splits.test.label), splits.labels.names, per_class=True)
             summary = {
                 "method": cfg.adapter.method, "dataset": splits.name, "notes": splits.notes,
@@ -119,6 +119,12 @@ def train(cfg: Config, resume: bool | None = None) -> Path:
                 summary["adalora"] = _adalora_summary(model, cfg, schedule, total_steps, result.rank_history)
             modeling.save_model(model, tokenizer, run_dir / (rundir.MODEL if cfg.adapter.method == "full"
                                                              else rundir.ADAPTER), initial_adapter)
+            conf, conf_summary = confidence.fit(
+                cfg.ood, outputs["validation"], outputs.get("validation_oos"), outputs["test"],
+                outputs.get("test_oos"), outputs.get("train"),
+                splits.labels.ids.get(cfg.data.oos_label) if cfg.data.oos_train == "class" else None)
+            summary.update(conf_summary)
+            conf.save(run_dir)
             write_json(run_dir / rundir.TEST_METRICS, test)
             write_report(run_dir, summary, read_jsonl(run_dir / rundir.METRICS))
             shutil.rmtree(run_dir / rundir.CHECKPOINTS, ignore_errors=True)
@@ -126,6 +132,29 @@ def train(cfg: Config, resume: bool | None = None) -> Path:
             write_json(run_dir / rundir.SUMMARY, summary)  # last: marks the run complete
     procs.wait_for_everyone()  # the other processes return once the run folder is complete
     return run_dir
+
+
+def _inference(model, cfg: Config, splits, train_set: Examples, validation: Examples, tokenizer) -> dict:
+    """After training: test logits (timed: the summary's eval speed), and what confidence.fit needs —
+    validation logits, and with out-of-scope texts or a feature scorer the pooled features of every split."""
+    max_len, pad_id, batch = cfg.model.max_length_tokens, tokenizer.pad_token_id or 0, cfg.train.eval_batch_size
+    features = cfg.ood.method in confidence.FEATURE_SCORERS or any(len(f) for f in splits.oos.values())
+
+    def run(ids, labels) -> confidence.Outputs:
+        got = predict_logits(model, ids, pad_id, batch, features=features)
+        logits, feats = got if features else (got, None)
+        return confidence.Outputs(logits, feats, np.asarray(labels, dtype=int))
+
+    test_ids = encode(splits.test.text, tokenizer, max_len)
+    t0 = time.perf_counter()
+    out = {"test_ids": test_ids, "test": run(test_ids, splits.labels.encode(splits.test.label))}
+    out["seconds"] = time.perf_counter() - t0
+    out["validation"] = run(validation.input_ids, validation.labels)
+    for split, frame in splits.oos.items():
+        out[f"{split}_oos"] = run(encode(frame.text, tokenizer, max_len), [-1] * len(frame))
+    if features:
+        out["train"] = run(train_set.input_ids, train_set.labels)
+    return out
 
 
 def _run_folder(cfg: Config, dataset: str, resuming: bool, procs) -> Path:
@@ -155,33 +184,55 @@ def _adalora_summary(model, cfg: Config, schedule: tuple[int, int], total_steps:
 def evaluate(run: str | Path, data: str | Path | None = None, text_columns: list[str] | None = None,
              label_column: str | None = None, batch_size: int = EVAL_BATCH_SIZE) -> dict:
     """Accuracy, macro-F1 and per-class metrics of a run on its own test split (read again from the files it
-    recorded; a changed file is an error), or on the file ``data``, read with the run's columns unless given."""
-    model, tokenizer, labels, cfg = rundir.load_run(run)
+    recorded; a changed file is an error), or on the file ``data``, read with the run's columns unless given.
+
+    Out-of-scope texts — the run's data.oos_label or ood.label, or with data.known_intents any intent the run
+    did not learn — are kept apart: the metrics above are over in-scope texts, and ``confidence`` adds the
+    calibration (ECE, Brier) and, with out-of-scope texts, the rejection figures of the run's scorer.
+    """
+    predictor = load_predictor(run)
+    cfg = rundir.open_run(run)[1]
+    labels, run_cfg = predictor.labels, rundir.run_config(cfg)
     if data is None:
         test = rundir.test_split(Path(run), cfg)
     else:
-        dcfg = rundir.run_config(cfg).data
+        dcfg = run_cfg.data
         dcfg.text_columns, dcfg.label_column = text_columns or dcfg.text_columns, label_column or dcfg.label_column
         test = read_labelled(data, dcfg)
-    unknown = sorted(set(test.label) - set(labels.names))
+    oos_names = {run_cfg.ood.label} | ({run_cfg.data.oos_label} - {None})
+    unknown = set(test.label) - set(labels.names)
+    if run_cfg.data.known_intents is not None:
+        oos_names |= unknown
+    unknown = sorted(unknown - oos_names)
     if unknown:
         raise DataError(f"labels the run never saw: {', '.join(unknown[:5])} ({len(unknown)}); "
                         "evaluate on data with the run's labels (peftlab info RUN lists them)")
-    ids = encode(test.text, tokenizer, cfg["model"]["max_length_tokens"])
+    out_of_scope = test.label.isin(oos_names).to_numpy()
+    model = predictor.model
+    features = predictor.needs_features
     with modeling.merged_for_inference(model):
-        logits = predict_logits(model, ids, tokenizer.pad_token_id or 0, batch_size)
-    out = metrics(logits, labels.encode(test.label), labels.names, per_class=True)
+        got = predict_logits(model, predictor.encode(test.text.tolist()), predictor.pad_id, batch_size, features=features)
+    logits, feats = got if features else (got, None)
+    ins = confidence.Outputs(logits, feats, np.asarray([labels.ids.get(x, -1) for x in test.label]))
+    out = metrics(ins.logits[~out_of_scope], ins.labels[~out_of_scope], labels.names, per_class=True)
+    conf = predictor.confidence or confidence.Confidence()
+    oos = ins.take(out_of_scope) if out_of_scope.any() else None
+    out["confidence"] = confidence.evaluate(conf, ins.take(~out_of_scope), oos)
+    out["out_of_scope_examples"] = int(out_of_scope.sum())
     out["logits"] = logits
     return out
 
 
-def predict(run: str | Path | Predictor, texts: list[str], batch_size: int = EVAL_BATCH_SIZE, top_k: int = 1):
-    """Labels and scores (softmax) for ``texts``: a list of [(label, score), …] per text, best first.
+def predict(run: str | Path | Predictor, texts: list[str], batch_size: int = EVAL_BATCH_SIZE, top_k: int = 1,
+            threshold: float | None = None) -> list[dict]:
+    """One record per text: ``label``, ``score`` (calibrated probability), ``in_scope``, ``ood_score`` and
+    ``top_k`` [(label, score), …] best first. A text the run's out-of-scope scorer rejects is labelled
+    ``ood.label`` (default ``out_of_scope``) with ``in_scope`` False; ``threshold`` overrides the run's.
 
     ``run`` is a run folder or an export folder (adapter, merged or ONNX), or a loaded Predictor.
     """
     predictor = run if isinstance(run, Predictor) else load_predictor(run)
-    return predictor.predict(texts, top_k, batch_size)
+    return predictor.predict(texts, top_k, batch_size, threshold)
 
 
 def info(run: str | Path) -> dict:
