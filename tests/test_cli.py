@@ -37,7 +37,8 @@ def test_predict_writes_id_label_score(run, tmp_path):
         tmp_path / "in.csv", index=False)
     assert cli.main(["predict", str(run), str(tmp_path / "in.csv"), "-o", str(tmp_path / "out.csv"), "--top-k", "3"]) == 0
     out = pd.read_csv(tmp_path / "out.csv")
-    assert list(out.columns) == ["id", "label", "score", "top_k"]
+    assert list(out.columns) == ["id", "label", "score", "in_scope", "top_k"]  # no scorer: no ood_score
+    assert out.in_scope.all()
     assert out.id.tolist() == [101, 102, 103]
     names = json.loads((run / "labels.json").read_text())["id2label"].values()
     assert set(out.label) <= set(names) and out.score.between(0, 1).all()
@@ -49,7 +50,7 @@ def test_predict_jsonl_without_id_column_numbers_rows(run, tmp_path):
     (tmp_path / "in.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
     assert cli.main(["predict", str(run), str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl")]) == 0
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in rows] == [0, 1] and set(rows[0]) == {"id", "label", "score"}
+    assert [r["id"] for r in rows] == [0, 1] and set(rows[0]) == {"id", "label", "score", "in_scope"}
 
 
 def test_evaluate_and_info_print_metrics(run, capsys):

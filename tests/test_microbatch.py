@@ -27,6 +27,11 @@ class Recording:
             raise RuntimeError("model failed")
         return np.array([[1.0, 0.0] if len(t) < 4 else [0.0, 1.0] for t in texts], dtype=np.float32)
 
+    def outputs(self, texts):  # no out-of-scope scorer: no features
+        return self.logits(texts), None
+
+    confidence = None
+
 
 def test_requests_that_queue_up_share_a_call_per_adapter_cut_at_the_limit():
     gate = threading.Event()
@@ -44,8 +49,9 @@ def test_requests_that_queue_up_share_a_call_per_adapter_cut_at_the_limit():
 
     first, later = asyncio.run(scenario())
     batcher.close()
-    assert first == [[("short", pytest.approx(1 / (1 + np.exp(-1))))]]
-    assert [r[0][0] for r in later[0]] == ["short", "long"] and later[1][0][0][0] == "short"
+    assert [r["top_k"] for r in first] == [[("short", pytest.approx(1 / (1 + np.exp(-1))))]]
+    assert first[0]["in_scope"] is True and first[0]["ood_score"] is None  # no scorer: nothing rejected
+    assert [r["label"] for r in later[0]] == ["short", "long"] and later[1][0]["label"] == "short"
     # a: the first alone, then 2 + 2 texts (4, the limit), then the last request: never split inside one
     assert a.calls == [["x"], ["hi", "hello", "abc", "abcd"], ["s"]] and b.calls == [["yo"]]
     assert batcher.per_adapter["a"] == {"requests": 4, "texts": 6, "batches": 3, "largest_batch_texts": 4}
@@ -62,5 +68,5 @@ def test_a_failing_call_fails_its_requests_only():
 
     result = asyncio.run(scenario())
     batcher.close()
-    assert [name for name, _ in result[0]] == ["long", "short"]
+    assert [name for name, _ in result[0]["top_k"]] == ["long", "short"]
     assert batcher.totals["requests"] == 1  # the failed call is not counted as served

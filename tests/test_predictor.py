@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy.special import softmax
 
 from peftlab import predictor
 from peftlab.labels import LabelMap
@@ -39,7 +40,7 @@ def test_predict_logits_keeps_the_callers_order_pads_per_batch_and_restores_trai
 
 def test_top_labels_orders_caps_and_breaks_ties_by_id():
     labels = LabelMap(["a", "b", "c"])
-    got = top_labels(np.array([[0.0, 2.0, 2.0], [1.0, 0.0, 0.0]], dtype=np.float32), labels, top_k=5)
+    got = top_labels(softmax(np.array([[0.0, 2.0, 2.0], [1.0, 0.0, 0.0]]), axis=-1), labels, top_k=5)
     assert [name for name, _ in got[0]] == ["b", "c", "a"] and [name for name, _ in got[1]] == ["a", "b", "c"]
     assert got[0][0][1] == pytest.approx(np.exp(2) / (2 * np.exp(2) + 1)) and got[0][0][1] == got[0][1][1]
     assert sum(p for _, p in got[1]) == pytest.approx(1.0)

@@ -51,7 +51,7 @@ def expected(runs, texts):
     """Every label's score per text, from each run loaded on its own (no sharing, no batching)."""
     from peftlab.workflows import predict
 
-    return {n: [dict(r) for r in predict(runs / n, texts, top_k=6)] for n in NAMES}
+    return {n: [dict(r["top_k"]) for r in predict(runs / n, texts, top_k=6)] for n in NAMES}
 
 
 def check(result: dict, want: dict[str, float]) -> None:

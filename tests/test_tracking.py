@@ -46,6 +46,8 @@ def test_tensorboard_events_hold_each_evaluation_at_its_step(run):
     assert [e.value for e in events.Scalars("eval_loss")] == pytest.approx([h["eval_loss"] for h in history])
     (test,) = events.Scalars("test_accuracy")
     assert test.step == summary["optimizer_steps"] and test.value == pytest.approx(summary["test_accuracy"])
+    (ece,) = events.Scalars("test_ece")  # the calibrated test ECE, tracked too
+    assert ece.value == pytest.approx(summary["calibration"]["ece_after"])
     # the hyperparameters as TensorBoard's HParams plugin reads them
     assert "_hparams_/session_start_info" in events.summary_metadata
 

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,7 +30,7 @@ from .config import ServeLimits, make_limits
 from .errors import ConfigError, PeftlabError, RunError
 from .files import read_yaml
 from .microbatch import Batcher
-from .predictor import check_threshold, load_many
+from .predictor import SCORE_RANGES, check_threshold, load_many
 from .rundir import CONFIG, EXPORT_RECORD, NAME, NAME_PATTERN, check_servable
 
 log = logging.getLogger("peftlab")
@@ -288,6 +289,14 @@ def create_app(adapters: dict[str, str | Path], limits: ServeLimits | None = Non
             else:
                 props["adapter"]["anyOf"] = [names, {"type": "null"}]
             props["top_k"]["maximum"] = min(len(p.labels) for p in predictors.values())
+            methods = {p.confidence.method if p.confidence else "none" for p in predictors.values()}
+            if methods == {"none"}:  # no adapter rejects anything: a threshold is refused
+                props["threshold"] = {"type": "null", "description": "no loaded adapter has an out-of-scope scorer"}
+            elif len(methods) == 1:
+                low, high = SCORE_RANGES[methods.pop()]
+                number = {"type": "number", **({"minimum": low} if np.isfinite(low) else {}),
+                          **({"maximum": high} if np.isfinite(high) else {})}
+                props["threshold"]["anyOf"] = [number, {"type": "null"}]
         return app.openapi_schema
 
     app.openapi = openapi

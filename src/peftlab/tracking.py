@@ -90,6 +90,12 @@ class Tracker:
         values = {k: summary[k] for k in FINAL_KEYS if isinstance(summary.get(k), (int, float))}
         if extra is not None:
             values["adalora_effective_parameters"] = extra
+        if "calibration" in summary:
+            values["test_ece"] = summary["calibration"]["ece_after"]
+        rejection = summary.get("rejection", {})
+        deciding = rejection.get("scorers", {}).get(rejection.get("method"), {})
+        values.update({f"test_{k}": deciding[k] for k in ("oos_f1", "auroc", "fpr_at_95", "in_scope_accuracy")
+                       if k in deciding})
         self._log(_numbers(values), step)
 
     def _log(self, values: dict[str, float], step: int) -> None:
