@@ -157,3 +157,23 @@ def test_evaluate_reports_rejection_on_the_runs_own_out_of_scope_texts(open_inte
     got, want = m["confidence"]["rejection"], s["rejection"]["scorers"]["mahalanobis"]
     assert got["auroc"] == pytest.approx(want["auroc"]) and got["oos_f1"] == pytest.approx(want["oos_f1"])
     assert m["confidence"]["ece"] == pytest.approx(s["calibration"]["ece_after"])
+
+
+def test_an_out_of_scope_class_rejects_what_it_predicts(tiny_model, small_data, tmp_path):
+    frames = {}
+    for split in ("train", "test"):
+        df = pd.read_csv(small_data[split])
+        df.loc[df.category == sorted(df.category.unique())[0], "category"] = "oos"
+        frames[split] = tmp_path / f"{split}.csv"
+        df.to_csv(frames[split], index=False)
+    over = tiny_overrides(tiny_model, frames, tmp_path / "runs", "lora", run_name="class",
+                          **{"data.oos_label": "oos", "data.oos_train": "class", "train.epochs": 1})
+    assert cli.main(["train", *over]) == 0
+    run = tmp_path / "runs" / "class"
+    conf = confidence.Confidence.load(run)
+    names = json.loads((run / "labels.json").read_text())["id2label"]
+    assert conf.method == "none" and names[str(conf.oos_class)] == "oos" and conf.rejects
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rejection"]["test_out_of_scope"] == 10 and summary["splits"]["test"] == 50
+    records = peftlab.predict(run, pd.read_csv(frames["test"]).text.tolist(), top_k=6)
+    assert all(r["in_scope"] == (r["top_k"][0][0] != "oos") for r in records)

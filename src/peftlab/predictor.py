@@ -152,7 +152,8 @@ def check_threshold(predictor: Predictor, threshold: float | None) -> None:
                        "retrain with ood.method msp, energy, mahalanobis or knn")
     low, high = SCORE_RANGES[conf.method]
     if not (low <= threshold <= high) or not np.isfinite(threshold):
-        where = f"in [{low:g}, {high:g}]" if np.isfinite(low) else "a finite number"
+        where = (f"a value in [{low:g}, {high:g}]" if np.isfinite(low) else
+                 f"a number <= {high:g}" if np.isfinite(high) else "a finite number")
         raise RunError(f"threshold: {threshold:g} is out of range for the {conf.method} score (give {where}; "
                        f"the trained threshold is {conf.threshold:.4g})")
 
