@@ -47,6 +47,12 @@ def cmd_train(args) -> int:
     s = read_summary(run)
     print(f"test accuracy {100 * s['test_accuracy']:.2f}%  macro-F1 {100 * s['test_f1']:.2f}%  "
           f"trainable {s['parameters']}  train {s['train_seconds'] / 60:.1f} min")
+    rejection = s.get("rejection", {})
+    deciding = rejection.get("scorers", {}).get(rejection.get("method"))
+    if deciding and "auroc" in deciding:  # out-of-scope texts were measured: the deciding scorer's figures
+        print(f"out of scope ({rejection['method']}, {rejection['test_out_of_scope']} texts): AUROC "
+              f"{100 * deciding['auroc']:.2f}%  OOS F1 {100 * deciding['oos_f1']:.2f}%  in-scope accuracy "
+              f"{100 * deciding['in_scope_accuracy']:.2f}%  (report: every scorer)")
     print(f"run folder: {run}")
     return 0
 
