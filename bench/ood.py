@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCORERS = ("msp", "energy", "mahalanobis", "knn")
+SCORERS = ("softmax", "msp", "energy", "mahalanobis", "knn")  # softmax: uncalibrated, the baseline
 COLUMNS = ("in_scope_accuracy", "oos_f1", "auroc", "fpr_at_95")
 
 

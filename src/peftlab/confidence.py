@@ -3,7 +3,8 @@
 Temperature scaling (Guo et al., 2017) divides the logits by one number fitted on validation (NLL), so
 that a score of 0.8 is right about 80 % of the time. Four scores say how in-scope a text is (higher: more):
 
-    msp          the calibrated top softmax probability (Hendrycks & Gimpel, 2017)
+    msp          the calibrated top softmax probability (Hendrycks & Gimpel, 2017; the summary also
+                 reports the uncalibrated one, ``softmax``, as the baseline)
     energy       logsumexp of the logits (Liu et al., 2020)
     mahalanobis  minus the smallest Mahalanobis distance of the pooled features (the input of the head's
                  output layer) to a class mean, with one shared covariance (Podolskiy et al., 2021)
@@ -36,6 +37,8 @@ from .metrics import calibration, histogram, rejection, risk_coverage
 FILE = "confidence.json"
 TENSORS = "confidence.safetensors"
 FEATURE_SCORERS = ("mahalanobis", "knn")  # the ones that need the pooled features and training statistics
+# What the summary and the report compare: every scorer, after the uncalibrated softmax as the baseline.
+REPORTED = ("softmax", *OOD_SCORERS)
 
 
 def fit_temperature(logits: np.ndarray, labels) -> float:
@@ -80,6 +83,8 @@ class Confidence:
         """In-scope score of each text under ``method`` (higher: more in scope)."""
         if method == "msp":
             return self.probabilities(logits).max(-1)
+        if method == "softmax":  # the uncalibrated top probability: reported as the baseline, never decides
+            return softmax(logits, axis=-1).max(-1)
         if method == "energy":
             return logsumexp(logits, axis=-1)
         if features is None:
@@ -213,7 +218,7 @@ def fit(ood, validation: Outputs, validation_oos: Outputs | None, test: Outputs,
         fit_statistics(conf, train.features, train.labels, test.logits.shape[1])
     if not len(test_oos.labels) and ood.method == "none":
         return _keep_needed(conf), summary
-    methods = [m for m in OOD_SCORERS if m not in FEATURE_SCORERS or conf.means is not None]
+    methods = [m for m in REPORTED if m not in FEATURE_SCORERS or conf.means is not None]
     correct = test.logits.argmax(-1) == test.labels
     table, hists, curves = {}, {}, {}
     for m in methods:
