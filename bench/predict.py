@@ -29,7 +29,7 @@ def best_of(rounds: list[float]) -> float:
 
 
 def _batch_labels(pr, batch_size: int):
-    return lambda texts: [r[0][0] for r in pr.predict(texts, batch_size=batch_size)]
+    return lambda texts: [r["label"] for r in pr.predict(texts, batch_size=batch_size)]
 
 
 def _single(pr):
