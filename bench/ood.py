@@ -50,12 +50,19 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     print("| known intents | scorer | in-scope accuracy | OOS F1 | AUROC | FPR@95 | closed-set accuracy |")
     print("|---|---|---:|---:|---:|---:|---:|")
+    verdicts = []
     for ratio in (float(r) for r in args.ratios.split(",")):
         runs = [train(args.data_dir, args.out, ratio, s, args.method, args.extra) for s in seeds]
         closed = fmt([r["test_accuracy"] for r in runs])
+        auroc = {}
         for scorer in SCORERS:
             cells = [fmt([r["rejection"]["scorers"][scorer][c] for r in runs]) for c in COLUMNS]
+            auroc[scorer] = statistics.fmean(r["rejection"]["scorers"][scorer]["auroc"] for r in runs)
             print(f"| {ratio:g} | {scorer} | {' | '.join(cells)} | {closed} |")
+        best = max((s for s in SCORERS if s != "softmax"), key=auroc.get)
+        verdicts.append(f"known intents {ratio:g}: best AUROC {best} {100 * auroc[best]:.2f} % vs uncalibrated softmax "
+                        f"{100 * auroc['softmax']:.2f} % ({100 * (auroc[best] - auroc['softmax']):+.2f} points)")
+    print("", *verdicts, sep="\n")
     print("\n| run | temperature | ECE before | ECE after | Brier before | Brier after | test accuracy |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for seed in (int(s) for s in args.calibration_seeds.split(",")):
