@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp, softmax
 from sklearn.covariance import LedoitWolf
@@ -31,7 +31,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from .config import OOD_SCORERS
 from .errors import RunError
-from .files import atomic_path, read_json, write_json
+from .files import read_json, write_json, write_safetensors
 from .metrics import calibration, histogram, rejection, risk_coverage
 
 FILE = "confidence.json"
@@ -120,11 +120,10 @@ class Confidence:
         return accepted & (scores >= cut), scores
 
     def save(self, folder: Path) -> None:
-        tensors = {k: getattr(self, k).astype(np.float32) for k in ("means", "precision", "bank")
+        tensors = {k: torch.from_numpy(getattr(self, k).astype(np.float32)) for k in ("means", "precision", "bank")
                    if getattr(self, k) is not None}
         if tensors:
-            with atomic_path(folder / TENSORS) as tmp:
-                save_file(tensors, str(tmp))
+            write_safetensors(folder / TENSORS, tensors)
         write_json(folder / FILE, {"temperature": self.temperature, "method": self.method, "threshold": self.threshold,
                                    "label": self.label, "oos_class": self.oos_class, "knn_k": self.knn_k,
                                    "tensors": sorted(tensors), **self.record})

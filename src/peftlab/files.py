@@ -86,6 +86,7 @@ def write_safetensors(path: Path, tensors: dict) -> None:
 
     with atomic_path(path) as tmp:
         save_file(tensors, tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors replaces the file with a 0600 one
 
 
 def append_jsonl(path: Path, record: dict) -> None:
