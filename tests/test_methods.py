@@ -169,6 +169,7 @@ def test_rslora_and_final_epoch_on_train_and_validation(tiny_model, small_data, 
     assert train_cli(args) == 0
     s = json.loads((tmp_path / "lora" / "summary.json").read_text())
     assert s["final_epoch_on_train_and_validation"] and s["optimizer_steps"] == 14 + 15
+    assert any("temperature" in n and "final epoch trained on" in n for n in s["notes"])  # calibration caveat
     history = [json.loads(x) for x in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [5, 10, 14]
     saved = json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())

@@ -124,6 +124,11 @@ def train(cfg: Config, resume: bool | None = None) -> Path:
                 outputs.get("test_oos"), outputs.get("train"),
                 splits.labels.ids.get(cfg.data.oos_label) if cfg.data.oos_train == "class" else None)
             summary.update(conf_summary)
+            if result.final_epoch_on_train_and_validation and (cfg.ood.calibrate or cfg.ood.method != "none"):
+                note = ("the temperature and the out-of-scope threshold were fitted on validation texts that the "
+                        "final epoch trained on: scores may be overconfident")
+                log.warning(note)
+                summary["notes"] = [*summary["notes"], note]
             conf.save(run_dir)
             write_json(run_dir / rundir.TEST_METRICS, test)
             write_report(run_dir, summary, read_jsonl(run_dir / rundir.METRICS))
