@@ -125,12 +125,16 @@ def cmd_export(args) -> int:
             f"label agreement {100 * p['label_agreement']:.2f}%")
     if p.get("accuracy_export") is not None:
         line += f", accuracy {100 * p['accuracy_reference']:.2f}% → {100 * p['accuracy_export']:.2f}%"
+    if "decision_agreement" in p:
+        line += f", out-of-scope decisions agree {100 * p['decision_agreement']:.2f}%"
     print(line)
     if "int8" in p:
         q = p["int8"]
         print(f"int8: max logit difference {q['max_abs_logit_diff']:.2e}, label agreement "
               f"{100 * q['label_agreement']:.2f}%" + (f", accuracy {100 * q['accuracy_export']:.2f}%"
-                                                      if q.get("accuracy_export") is not None else ""))
+                                                      if q.get("accuracy_export") is not None else "")
+              + (f", out-of-scope decisions agree {100 * q['decision_agreement']:.2f}%"
+                 if "decision_agreement" in q else ""))
     print(f"{args.format} export: {out}")
     return 0
 
