@@ -70,7 +70,7 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None, quantize: b
     started = time.perf_counter()
     reference = predictor_mod.load(run_path)
     ids = reference.encode(texts)
-    ref_out = _outputs(reference, ids)
+    ref_out = reference.outputs_from_ids(ids)
     y = None if labels_true is None else np.array([reference.labels.ids.get(x, -1) for x in labels_true])
     record = {"format": fmt, "source_run": str(run_path.resolve()), "method": method,
               "backbone": cfg["model"]["name"], "max_length_tokens": cfg["model"]["max_length_tokens"],
@@ -130,17 +130,11 @@ def _parity_texts(run_path: Path, cfg: dict, data, n: int) -> tuple[list[str], l
     return frame["text"].tolist(), labels
 
 
-def _outputs(pred: Predictor, ids) -> tuple[np.ndarray, np.ndarray | None]:
-    if pred.needs_features:
-        return pred.logits_from_ids(ids, features=True)
-    return pred.logits_from_ids(ids), None
-
-
 def _compare(reference: Predictor, ref_out, export: Predictor, ids, y: np.ndarray | None) -> dict:
     """Max logit difference, label agreement, agreement of out-of-scope decisions (when the run rejects)
     and, with true labels ``y`` (ids), both accuracies."""
     ref, ref_features = ref_out
-    got, features = _outputs(export, ids)
+    got, features = export.outputs_from_ids(ids)
     out = {"max_abs_logit_diff": float(np.abs(ref - got).max()),
            "label_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
     conf = reference.confidence

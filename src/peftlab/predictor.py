@@ -128,11 +128,14 @@ class Predictor:
     def logits(self, texts: list[str], batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
         return self.logits_from_ids(self.encode(texts), batch_size)
 
-    def outputs(self, texts: list[str], batch_size: int = EVAL_BATCH_SIZE) -> tuple[np.ndarray, np.ndarray | None]:
+    def outputs_from_ids(self, input_ids, batch_size: int = EVAL_BATCH_SIZE) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits, pooled features when the out-of-scope decision needs them, else None)."""
         if self.needs_features:
-            return self.logits_from_ids(self.encode(texts), batch_size, features=True)
-        return self.logits(texts, batch_size), None
+            return self.logits_from_ids(input_ids, batch_size, features=True)
+        return self.logits_from_ids(input_ids, batch_size), None
+
+    def outputs(self, texts: list[str], batch_size: int = EVAL_BATCH_SIZE) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.outputs_from_ids(self.encode(texts), batch_size)
 
     def predict(self, texts: list[str], top_k: int = 1, batch_size: int = EVAL_BATCH_SIZE,
                 threshold: float | None = None) -> list[dict]:
