@@ -213,11 +213,8 @@ def evaluate(run: str | Path, data: str | Path | None = None, text_columns: list
         raise DataError(f"labels the run never saw: {', '.join(unknown[:5])} ({len(unknown)}); "
                         "evaluate on data with the run's labels (peftlab info RUN lists them)")
     out_of_scope = test.label.isin(oos_names).to_numpy()
-    model = predictor.model
-    features = predictor.needs_features
-    with modeling.merged_for_inference(model):
-        got = predict_logits(model, predictor.encode(test.text.tolist()), predictor.pad_id, batch_size, features=features)
-    logits, feats = got if features else (got, None)
+    with modeling.merged_for_inference(predictor.model):
+        logits, feats = predictor.outputs(test.text.tolist(), batch_size)
     ins = confidence.Outputs(logits, feats, np.asarray([labels.ids.get(x, -1) for x in test.label]))
     out = metrics(ins.logits[~out_of_scope], ins.labels[~out_of_scope], labels.names, per_class=True)
     conf = predictor.confidence or confidence.Confidence()
